@@ -79,5 +79,74 @@ def wrap(base: str, adapter: str, adapter_name: str | None, prompt: str, as_json
                f"(relative {summary['relative_change']:.3%})")
 
 
+@main.command()
+@click.argument("base", type=str)
+@click.argument("adapter", type=str)
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--adapter-name", default=None, help="Which adapter of a multi-adapter directory to merge.")
+@click.option("--quantize", type=click.Choice(["int8", "nf4", "fp4"]), default=None,
+              help="Quantize a float base on the way out (as transformers would on load).")
+@click.option("--double-quant", is_flag=True, help="With --quantize nf4/fp4: nest the absmax (double quantization).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Write a dequantized float model instead of keeping the base's storage.")
+@click.option("--renest", is_flag=True,
+              help="Keep nested 4-bit layers nested after an exact fold (costs ~1e-3 relative error).")
+@click.option("--requantize", is_flag=True, help="Dequantize-scale-requantize every merged module, no exact folds.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Check every merged module against the IA3 forward.")
+@click.option("--max-error", type=float, default=None,
+              help="Largest relative error allowed per module (default: per transform kind).")
+@click.option("--probe-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Probe inputs per module for the check.")
+@click.option("--probe-scale", type=float, default=1.0, show_default=True, help="Standard deviation of the probes.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no table, only errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def merge(base: str, adapter: str, out: str, adapter_name: str | None, quantize: str | None, double_quant: bool,
+          dtype: str | None, renest: bool, requantize: bool, check: bool, max_error: float | None,
+          probe_tokens: int, probe_scale: float, max_shard_size: str, force: bool, quiet: bool,
+          as_json: bool) -> None:
+    """Merge ADAPTER into BASE and write a self-contained model to OUT.
+
+    BASE and ADAPTER are local directories or Hub repo ids. The output keeps the base's storage (int8,
+    NF4/FP4, float) unless --quantize or --dtype says otherwise. Every merged module is checked against the
+    IA3-wrapped original layer; OUT appears only when the merge is complete and checked.
+    """
+    from .errors import MergeCheckError
+    from .merge import merge as run_merge
+
+    _quiet_libraries()
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="merging", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    try:
+        report = run_merge(base, adapter, out, adapter_name=adapter_name, quantize=quantize,
+                           double_quant=double_quant, dtype=dtype, renest=renest, requantize=requantize,
+                           check=check, max_error=max_error, probe_tokens=probe_tokens, probe_scale=probe_scale,
+                           max_shard_size=max_shard_size, force=force,
+                           progress=None if quiet or as_json else progress)
+    except MergeCheckError as exc:
+        if not quiet:
+            click.echo(exc.report.table(), err=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(report.table())
+        kinds = ", ".join(f"{v['modules']} {k}" + (f" (max {v['max_rel_error']:.1e})" if v["max_rel_error"]
+                                                    is not None else "") for k, v in report.summary().items())
+        click.echo(f"merged {len(report.modules)} modules into {out} in {report.seconds:.1f}s: {kinds or 'none'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -40,3 +40,24 @@ class OutputError(IA3ConvertError):
     """An output location cannot be written as asked."""
 
     exit_code = 6
+
+
+class MergeCheckError(IA3ConvertError):
+    """A merged module is further from the IA3 forward than allowed; nothing was written."""
+
+    exit_code = 7
+
+    def __init__(self, report) -> None:
+        self.report = report
+        worst = max(report.failures, key=lambda m: m.rel_error / m.limit)
+        super().__init__(
+            f"merge check failed for {len(report.failures)} module(s), worst {worst.module} "
+            f"({worst.transform}, relative error {worst.rel_error:.3g} > {worst.limit:.3g}); nothing was written",
+            hint="raise --max-error if this error is acceptable, or inspect the adapter's scales",
+        )
+
+
+class HubError(IA3ConvertError):
+    """The Hugging Face Hub could not be reached or refused a request."""
+
+    exit_code = 8

@@ -1,0 +1,379 @@
+"""Lazy reader and streaming writer of transformers checkpoints (safetensors, one file or sharded).
+
+The reader parses safetensors headers itself (a few KB per file) and reads one tensor at a time, so that a
+70B checkpoint costs no more memory to open than a tiny one. Raw bytes of a tensor can be copied unchanged,
+which keeps untouched tensors byte-identical to the base.
+
+The writer plans every shard's header before any data is written (all output shapes and dtypes are known
+from the merge plan), then writes each tensor at its offset as it is produced: at no time does it hold more
+than the tensor it is given, never a whole shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, OutputError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on header size
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype (safetensors name), shape and absolute byte range."""
+
+    key: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a safetensors file's header: its tensors and its metadata. Checks every offset against the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file", hint="the file is truncated")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > min(MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: header length {header_len} exceeds the file",
+                                      hint="the file is truncated or not safetensors")
+            header = json.loads(f.read(header_len))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})", hint="check the file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: header is not valid JSON",
+                              hint="the file is damaged; download it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object", hint="the file is damaged")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed header entry for {key!r}", hint="the file is damaged") from None
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}",
+                                  hint="ia3convert reads float, int8 and uint8 checkpoints")
+        expected = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != expected or begin < 0 \
+                or base + end > size:
+            raise CheckpointError(f"{path}: tensor {key!r} has offsets outside the file or of the wrong size",
+                                  hint="the file is truncated or damaged; download it again")
+        tensors[key] = TensorInfo(key, path, dtype, shape, base + begin, base + end)
+    return tensors, metadata
+
+
+class CheckpointReader:
+    """A base model directory: its config and its tensors, read one at a time.
+
+    Accepts ``model.safetensors``, or shards listed in ``model.safetensors.index.json``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: does not exist", hint="give a model directory or a Hub repo id")
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: is a file, not a model directory",
+                                  hint="give the directory that holds config.json")
+        config_file = self.path / "config.json"
+        try:
+            self.config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: has no config.json",
+                                  hint="give a model directory saved by transformers") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{config_file}: cannot be read ({exc})", hint="fix or re-save the config") from None
+        self.files = self._weight_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            tensors, _ = read_header(file)
+            self.tensors.update(tensors)
+        self._handles: dict[Path, Any] = {}
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{index}: cannot be read ({exc})", hint="fix or re-save the index") from None
+            files = [self.path / n for n in names]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{self.path}: shard {missing[0]} listed in the index is missing",
+                                      hint="download the complete checkpoint")
+            return files
+        single = self.path / SINGLE_NAME
+        if single.is_file():
+            return [single]
+        if list(self.path.glob("*.bin")):
+            raise CheckpointError(f"{self.path}: only PyTorch .bin weights",
+                                  hint="convert the checkpoint to safetensors (save_pretrained does by default)")
+        raise CheckpointError(f"{self.path}: no model.safetensors or {INDEX_NAME}",
+                              hint="give a model directory saved by transformers")
+
+    @property
+    def quantization_config(self) -> dict[str, Any] | None:
+        return self.config.get("quantization_config")
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, read from disk now (a copy; the file is not kept mapped)."""
+        from safetensors import safe_open
+
+        info = self.tensors[key]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = safe_open(str(info.file), framework="pt")
+            self._handles[info.file] = handle
+        return handle.get_tensor(key)
+
+    def raw(self, key: str) -> bytes:
+        """The tensor's bytes exactly as stored."""
+        info = self.tensors[key]
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            return f.read(info.nbytes)
+
+    def other_files(self) -> list[Path]:
+        """Every file of the directory that is not weights, index or config (tokenizer, generation config...)."""
+        skip = {INDEX_NAME, "config.json", *(f.name for f in self.files)}
+        return sorted(p for p in self.path.iterdir()
+                      if p.is_file() and p.name not in skip and not p.name.startswith(".")
+                      and not p.name.endswith((".safetensors", ".bin")) and p.name != "merge_report.json")
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, as transformers reads max_shard_size."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise OutputError(f"max shard size {text!r} is not a size", hint="write it like 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    if unit not in powers:
+        raise OutputError(f"max shard size {text!r} has an unknown unit", hint="use B, KB, MB, GB, KiB, MiB or GiB")
+    return int(number * powers[unit])
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor whose dtype and shape are known before its data exists.
+
+    A ``deferred`` tensor is a small 1-D uint8 tensor whose length is only known once computed (bitsandbytes'
+    quant-state JSON): it is planned at ``max_bytes``, kept in memory when written, and placed at the end of
+    its shard when the shard is finished.
+    """
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    max_bytes: int | None = None
+
+    @property
+    def deferred(self) -> bool:
+        return self.max_bytes is not None
+
+    @property
+    def nbytes(self) -> int:
+        if self.max_bytes is not None:
+            return self.max_bytes
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class _Shard:
+    name: str
+    fixed: list[PlannedTensor] = field(default_factory=list)
+    deferred: list[PlannedTensor] = field(default_factory=list)
+    offsets: dict[str, int] = field(default_factory=dict)
+    fixed_size: int = 0
+    header_room: int = 0
+
+
+def _header(entries: list[tuple[PlannedTensor, int, int, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    for item, begin, end, shape in entries:
+        header[item.key] = {"dtype": DTYPE_NAMES[item.dtype], "shape": list(shape), "data_offsets": [begin, end]}
+    return json.dumps(header, separators=(",", ":")).encode("utf-8")
+
+
+class StreamingWriter:
+    """Writes planned tensors into sharded safetensors files, one tensor at a time, in any order.
+
+    Shards are filled in plan order up to ``max_shard_size`` (a tensor larger than that gets a shard of its
+    own, as transformers does). Each shard's header is written first with room for the final one (deferred
+    tensors planned at their largest), and rewritten, space-padded as safetensors itself pads, on ``close``,
+    which also checks that every planned tensor was written and writes the index.
+    """
+
+    def __init__(self, out_dir: Path, plan: Iterable[PlannedTensor], max_shard_size: int,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.out_dir = out_dir
+        self.metadata = metadata or {"format": "pt"}
+        self.plan = {p.key: p for p in plan}
+        groups: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for item in self.plan.values():
+            if groups[-1] and size + item.nbytes > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(item)
+            size += item.nbytes
+        count = len(groups)
+        self.shards: list[_Shard] = []
+        self.where: dict[str, _Shard] = {}
+        for number, group in enumerate(groups, start=1):
+            shard = _Shard(SINGLE_NAME if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors")
+            shard.fixed = [p for p in group if not p.deferred]
+            shard.deferred = [p for p in group if p.deferred]
+            offset = 0
+            entries = []
+            for item in shard.fixed + shard.deferred:
+                shard.offsets[item.key] = offset
+                shape = (item.max_bytes,) if item.deferred else item.shape
+                entries.append((item, offset, offset + item.nbytes, shape))
+                offset += item.nbytes
+                self.where[item.key] = shard
+            shard.fixed_size = sum(p.nbytes for p in shard.fixed)
+            room = len(_header(entries, self.metadata))
+            shard.header_room = room + (-(8 + room) % 8)  # data starts 8-byte aligned, as safetensors writes
+            with open(out_dir / shard.name, "wb") as f:
+                f.truncate(8 + shard.header_room + shard.fixed_size)
+            self.shards.append(shard)
+        self._written: set[str] = set()
+        self._small: dict[str, bytes] = {}
+        self._files = {s.name: open(out_dir / s.name, "r+b") for s in self.shards}  # noqa: SIM115
+
+    def write(self, key: str, data: torch.Tensor | bytes) -> None:
+        """Write one planned tensor (or its raw bytes) at its place."""
+        planned = self.plan.get(key)
+        if planned is None or key in self._written:
+            raise ValueError(f"{key}: not planned or written twice")
+        if isinstance(data, torch.Tensor):
+            shape_ok = data.dim() == 1 if planned.deferred else tuple(data.shape) == planned.shape
+            if data.dtype != planned.dtype or not shape_ok:
+                raise ValueError(f"{key}: planned {planned.dtype} {planned.shape}, got {data.dtype} "
+                                 f"{tuple(data.shape)}")
+            data = _tensor_bytes(data)
+        if planned.deferred:
+            if len(data) > planned.nbytes:
+                raise ValueError(f"{key}: {len(data)} bytes, more than the {planned.nbytes} planned")
+            self._small[key] = data
+        else:
+            if len(data) != planned.nbytes:
+                raise ValueError(f"{key}: planned {planned.nbytes} bytes, got {len(data)}")
+            shard = self.where[key]
+            f = self._files[shard.name]
+            f.seek(8 + shard.header_room + shard.offsets[key])
+            f.write(data)
+        self._written.add(key)
+
+    def close(self) -> list[str]:
+        """Finish the files and write the index (when sharded); returns the shard file names."""
+        missing = [k for k in self.plan if k not in self._written]
+        if missing:
+            self.abort()
+            raise ValueError(f"tensors planned but never written: {missing[:5]}")
+        total = 0
+        weight_map = {}
+        for shard in self.shards:
+            entries = [(p, shard.offsets[p.key], shard.offsets[p.key] + p.nbytes, p.shape) for p in shard.fixed]
+            offset = shard.fixed_size
+            f = self._files[shard.name]
+            f.seek(8 + shard.header_room + offset)
+            for item in shard.deferred:
+                data = self._small[item.key]
+                entries.append((item, offset, offset + len(data), (len(data),)))
+                f.write(data)
+                offset += len(data)
+            header = _header(entries, self.metadata)
+            if len(header) > shard.header_room:
+                raise ValueError(f"{shard.name}: header outgrew its room")
+            f.truncate(8 + shard.header_room + offset)
+            f.seek(0)
+            f.write(struct.pack("<Q", shard.header_room))
+            f.write(header + b" " * (shard.header_room - len(header)))
+            f.close()
+            total += offset
+            weight_map.update({p.key: shard.name for p in shard.fixed + shard.deferred})
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return [s.name for s in self.shards]
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's bytes in little-endian row-major order (what safetensors stores)."""
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def copy_file(src: Path, dst: Path, chunk: int = 16 * 1024 * 1024) -> None:
+    """Copy in large blocks (no metadata: the output is a new file)."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while block := fin.read(chunk):
+            fout.write(block)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

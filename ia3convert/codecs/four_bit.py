@@ -1,0 +1,139 @@
+"""bitsandbytes 4-bit storage (NF4 / FP4, with or without nested "double" quantization of the absmax).
+
+On disk, for a layer's ``weight``: the packed codes ``weight`` (uint8 ``[out*in/2, 1]``, two codes a byte,
+row-major), ``weight.absmax`` (float32 per block of ``blocksize`` flattened elements, or uint8 codes when
+nested), ``weight.quant_map`` (the 16-value code book), with nesting ``weight.nested_absmax`` and
+``weight.nested_quant_map``, and ``weight.quant_state.bitsandbytes__<type>`` (JSON bytes of
+``quant_type, blocksize, dtype, shape`` [+ ``nested_blocksize, nested_dtype, nested_offset``]).
+
+Everything is produced through bitsandbytes' own ``QuantState`` so that the bytes match what
+bitsandbytes and transformers write.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+STATE_PREFIX = "quant_state.bitsandbytes__"
+
+
+@dataclass
+class Packed4bit:
+    """One 4-bit weight: packed codes plus its statistics, keyed as after ``<module>.weight.`` on disk."""
+
+    codes: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The JSON part of the quant state (quant_type, blocksize, dtype, shape, nested_* ...)."""
+        key = next(k for k in self.stats if k.startswith(STATE_PREFIX))
+        return json.loads(bytes(self.stats[key].tolist()).decode("utf-8"))
+
+    @property
+    def nested(self) -> bool:
+        return "nested_absmax" in self.stats
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out_features, in_features = self.info["shape"]
+        return int(out_features), int(in_features)
+
+    @property
+    def blocksize(self) -> int:
+        return int(self.info["blocksize"])
+
+    def quant_state(self):
+        """bitsandbytes' QuantState for these statistics (from a copy: ``from_dict`` mutates its input)."""
+        from bitsandbytes.functional import QuantState
+
+        return QuantState.from_dict(dict(self.stats), device=torch.device("cpu"))
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors under ``<prefix>`` (``<module>.weight``)."""
+        return {prefix: self.codes, **{f"{prefix}.{k}": v for k, v in self.stats.items()}}
+
+
+def _from_state(codes: torch.Tensor, state) -> Packed4bit:
+    return Packed4bit(codes=codes, stats=state.as_dict(packed=True))
+
+
+def decode(packed: Packed4bit) -> torch.Tensor:
+    """The float32 weight ``[out, in]``: bitsandbytes' dequantization computed in float32 (code * absmax,
+    without the rounding to the stored dtype that would add error to a float32 output)."""
+    import bitsandbytes.functional as F
+
+    state = packed.quant_state()
+    state.dtype = torch.float32
+    return F.dequantize_4bit(packed.codes, state)
+
+
+def encode(weight: torch.Tensor, quant_type: str, blocksize: int = 64, nested: bool = False,
+           dtype: torch.dtype = torch.float16) -> Packed4bit:
+    """Quantize as transformers does when it loads a model in 4-bit: the weight in ``dtype``, then
+    bitsandbytes' ``quantize_4bit`` with uint8 storage."""
+    import bitsandbytes.functional as F
+
+    codes, state = F.quantize_4bit(weight.detach().to(dtype).contiguous(), blocksize=blocksize,
+                                   compress_statistics=nested, quant_type=quant_type, quant_storage=torch.uint8)
+    return _from_state(codes, state)
+
+
+def absmax(packed: Packed4bit) -> torch.Tensor:
+    """The float32 per-block absmax, de-nested if needed (as bitsandbytes computes it when dequantizing)."""
+    import bitsandbytes.functional as F
+
+    state = packed.quant_state()
+    if not state.nested:
+        return state.absmax.float()
+    return (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+
+def denest(packed: Packed4bit) -> Packed4bit:
+    """The same weight with a plain float32 absmax (exact: the values bitsandbytes dequantizes with)."""
+    if not packed.nested:
+        return packed
+    state = packed.quant_state()
+    state.absmax = absmax(packed)
+    state.nested, state.state2, state.offset = False, None, None
+    return _from_state(packed.codes, state)
+
+
+def renest(packed: Packed4bit) -> Packed4bit:
+    """Nest a float32 absmax again, as bitsandbytes' ``quantize_4bit`` does (mean offset, 8-bit blocks of 256).
+    Not exact: the absmax is itself quantized."""
+    import bitsandbytes.functional as F
+
+    if packed.nested:
+        return packed
+    state = packed.quant_state()
+    offset = state.absmax.mean()
+    state.absmax, state.state2 = F.quantize_blockwise(state.absmax - offset, blocksize=256)
+    state.offset, state.nested = offset, True
+    return _from_state(packed.codes, state)
+
+
+def can_fold_rows(packed: Packed4bit) -> bool:
+    """Row scaling is exact through the absmax when no block straddles two rows."""
+    _, in_features = packed.shape
+    return in_features % packed.blocksize == 0
+
+
+def fold_rows(packed: Packed4bit, vector: torch.Tensor) -> Packed4bit:
+    """Exactly scale output rows: each block's absmax times its row's factor (codes unchanged).
+
+    Needs ``can_fold_rows``; a nested absmax is de-nested first (call ``renest`` to nest it again).
+    Negative and zero factors are exact too: the sign rides on the absmax, never on the asymmetric code book.
+    """
+    if not can_fold_rows(packed):
+        raise ValueError("blocks straddle rows: requantize instead")
+    _, in_features = packed.shape
+    plain = denest(packed)
+    state = plain.quant_state()
+    per_block = vector.float().reshape(-1).repeat_interleave(in_features // packed.blocksize)
+    state.absmax = state.absmax.float() * per_block
+    return _from_state(plain.codes, state)

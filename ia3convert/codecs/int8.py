@@ -1,0 +1,43 @@
+"""LLM.int8 row-wise storage: int8 codes ``CB`` [out, in] and float32 row absmax ``SCB`` [out].
+
+``W ~= CB * SCB / 127``; the dequantization uses bitsandbytes' constant 7.874015718698502e-3 (not ``/127``)
+so that it is bit-identical to bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INV_127 = 7.874015718698502e-3
+
+
+def decode(codes: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """The float32 weight the codes stand for."""
+    return codes.float() * scb.float()[:, None] * INV_127
+
+
+def encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize as bitsandbytes does when transformers loads a model in 8-bit (weight cast to fp16 first).
+
+    All-zero rows (where bitsandbytes would compute 0 * 127 / 0) get zero codes and a zero scale.
+    """
+    import bitsandbytes.functional as F
+
+    half = weight.detach().to(torch.float16).contiguous()
+    codes, scb, _ = F.int8_vectorwise_quant(half)
+    zero = scb == 0
+    if zero.any():
+        codes[zero] = 0
+    return codes, scb.float()
+
+
+def fold_rows(codes: torch.Tensor, scb: torch.Tensor, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly scale output rows by ``vector``: ``SCB *= |l|`` and negate the codes of rows where ``l < 0``.
+
+    Codes lie in [-127, 127], so negation never overflows. No requantization happens.
+    """
+    factor = vector.float().reshape(-1)
+    new_scb = scb.float() * factor.abs()
+    negative = factor < 0
+    new_codes = torch.where(negative[:, None], -codes, codes) if negative.any() else codes
+    return new_codes, new_scb

@@ -1,0 +1,603 @@
+"""Merge an IA3 adapter into a checkpoint, streaming tensor by tensor: plan, transform, check, write.
+
+For every adapted module the plan picks the most exact transform the storage allows:
+- ``exact-fold``: output-side scaling folded into the quantization statistics (int8 ``SCB`` and code signs,
+  4-bit ``absmax``); codes stay bit for bit, nothing is re-quantized;
+- ``fold-renest``: the same for a nested 4-bit layer whose absmax is nested again (``renest``; ~1e-3);
+- ``requantize``: dequantize, scale, quantize again with the layer's own parameters (input-side scaling,
+  4-bit blocks straddling rows, or when asked);
+- ``multiply``: a float weight scaled in float32 and cast back;
+- ``dequantize`` / ``quantize``: the output is written in another storage (``dtype`` / ``quantize`` options).
+Each merged module is then checked against the IA3-wrapped layer over the original tensors (``verify``).
+The output is written into a temporary sibling of OUT and renamed into place only when complete and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import Adapter, read_adapter
+from .checkpoint import (
+    CheckpointReader,
+    PlannedTensor,
+    StreamingWriter,
+    copy_file,
+    fsync_dir,
+    parse_size,
+)
+from .codecs import floating, four_bit, int8
+from .errors import AdapterError, CheckpointError, MergeCheckError, OutputError, TargetError
+from .layers import Linear, Linear4bit, Linear8bitLt
+from .skeleton import build_skeleton, linear_modules, modules_to_quantize
+from .verify import MergeReport, ModuleReport, build_layer, compare, default_limit, probes
+
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+QUANT_TYPES = ("int8", "nf4", "fp4")
+STATE_MAX_BYTES = 512  # room planned for a 4-bit quant-state JSON (they are ~100-200 bytes)
+REPORT_NAME = "merge_report.json"
+
+
+@dataclass
+class MergeOptions:
+    """Everything that shapes a merge besides its inputs and output (see ``merge`` for meanings)."""
+
+    adapter_name: str | None = None
+    quantize: str | None = None
+    double_quant: bool = False
+    dtype: str | None = None
+    renest: bool = False
+    requantize: bool = False
+    check: bool = True
+    max_error: float | None = None
+    probe_tokens: int = 32
+    probe_scale: float = 1.0
+    seed: int = 0
+    max_shard_size: str | int = "5GB"
+    force: bool = False
+
+    def validate(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            raise OutputError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANT_TYPES)}",
+                              hint="pick int8, nf4 or fp4")
+        if self.dtype is not None and self.dtype not in FLOAT_DTYPES:
+            raise OutputError(f"--dtype {self.dtype!r} is not one of {', '.join(FLOAT_DTYPES)}",
+                              hint="pick float16, bfloat16 or float32")
+        if self.quantize and self.dtype:
+            raise OutputError("--quantize and --dtype exclude each other",
+                              hint="--quantize writes a quantized model, --dtype a float one")
+        if self.double_quant and self.quantize not in ("nf4", "fp4"):
+            raise OutputError("--double-quant needs --quantize nf4 or fp4", hint="add --quantize nf4")
+        if self.probe_tokens < 1:
+            raise OutputError("--probe-tokens must be at least 1", hint="the default is 32")
+
+
+@dataclass
+class Module:
+    """A Linear/Conv1D of the base checkpoint and how it is stored."""
+
+    path: str
+    kind: str  # "float", "int8" or "4bit"
+    keys: list[str]
+    in_features: int
+    out_features: int
+    transposed: bool  # a float Conv1D weight, stored [in, out]
+    conv1d: bool
+    storage: str
+    info: dict[str, Any] | None = None
+
+    @property
+    def has_bias(self) -> bool:
+        return f"{self.path}.bias" in self.keys
+
+
+@dataclass
+class Step:
+    """What happens to one module."""
+
+    module: Module
+    transform: str  # exact-fold | fold-renest | requantize | multiply | dequantize | quantize | copy
+    reason: str = ""
+    vector: torch.Tensor | None = None
+    output_side: bool = True
+    out_kind: str = "same"  # same | float | int8 | 4bit
+    outputs: list[PlannedTensor] = field(default_factory=list)
+
+
+def _storage_name(kind: str, info: dict[str, Any] | None, dtype: str) -> str:
+    if kind == "int8":
+        return "int8"
+    if kind == "4bit":
+        assert info is not None
+        return f"{info['quant_type']}+dq" if "nested_blocksize" in info else info["quant_type"]
+    return dtype
+
+
+def find_modules(reader: CheckpointReader, linear: dict[str, bool]) -> dict[str, Module]:
+    """Every Linear/Conv1D of the skeleton that the checkpoint stores, with its storage read from the tensors."""
+    by_module: dict[str, list[str]] = {}
+    for key in reader.tensors:
+        parts = key.split(".")
+        for cut in (1, 2, 3, 4):
+            prefix = ".".join(parts[:-cut])
+            if prefix in linear:
+                by_module.setdefault(prefix, []).append(key)
+                break
+    modules = {}
+    for path, keys in by_module.items():
+        weight = reader.tensors.get(f"{path}.weight")
+        if weight is None:
+            continue
+        conv1d = linear[path]
+        state_keys = [k for k in keys if k.startswith(f"{path}.weight.quant_state.bitsandbytes__")]
+        if weight.dtype == "I8" and f"{path}.SCB" in reader:
+            out_f, in_f = weight.shape
+            modules[path] = Module(path, "int8", keys, in_f, out_f, False, conv1d, "int8")
+        elif state_keys:
+            try:
+                info = json.loads(reader.raw(state_keys[0]).decode("utf-8"))
+                out_f, in_f = (int(d) for d in info["shape"])
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError(f"{reader.path}: tensor {state_keys[0]} is not a bitsandbytes quant state",
+                                      hint="the checkpoint is damaged") from None
+            modules[path] = Module(path, "4bit", keys, in_f, out_f, False, conv1d, _storage_name("4bit", info, ""),
+                                   info)
+        elif weight.torch_dtype.is_floating_point and len(weight.shape) == 2:
+            rows, cols = weight.shape
+            in_f, out_f = (rows, cols) if conv1d else (cols, rows)
+            modules[path] = Module(path, "float", keys, in_f, out_f, conv1d, conv1d,
+                                   str(weight.torch_dtype).removeprefix("torch."))
+    return modules
+
+
+def check_base_storage(reader: CheckpointReader) -> None:
+    """Refuse quantization methods we cannot read (GPTQ, AWQ, ...), naming them."""
+    qc = reader.quantization_config
+    if qc and qc.get("quant_method", "bitsandbytes") != "bitsandbytes":
+        raise CheckpointError(f"{reader.path}: quantized with {qc.get('quant_method')}, not bitsandbytes",
+                              hint="ia3convert merges into float, int8 (LLM.int8) and 4-bit (NF4/FP4) checkpoints")
+
+
+def check_adapter_fits(adapter: Adapter, modules: dict[str, Module], where: Path) -> None:
+    """Every adapted module exists in the base as a Linear whose size matches the vector's side."""
+    for path, vector in sorted(adapter.vectors.items()):
+        module = modules.get(path)
+        if module is None:
+            raise TargetError(f"adapter module {path} is not a Linear layer of the base {where}",
+                              hint="merge the adapter into the base model it was trained for")
+        n = module.in_features if adapter.is_feedforward(path) else module.out_features
+        if vector.numel() != n:
+            side = "input" if adapter.is_feedforward(path) else "output"
+            raise TargetError(f"adapter module {path}: {vector.numel()} scales for the {side} side, but the base "
+                              f"layer has {n} {side} features", hint="merge into the base model it was trained for")
+        if not torch.isfinite(vector).all():
+            raise AdapterError(f"{adapter.source}: module {path} has NaN or infinite scales",
+                               hint="the adapter is broken; retrain it or fix its values")
+
+
+def plan_step(module: Module, vector: torch.Tensor | None, output_side: bool, opts: MergeOptions,
+              quantize_set: set[str], reader: CheckpointReader) -> Step:
+    """Choose the transform for one module (``vector`` None: not adapted) and plan its output tensors."""
+    step = Step(module, "copy", vector=vector, output_side=output_side)
+    if opts.dtype:
+        step.out_kind = "float"
+        if module.kind != "float":
+            step.transform, step.reason = "dequantize", f"dequantized to {opts.dtype}"
+        elif vector is not None:
+            step.transform, step.reason = "multiply", f"float weight, written as {opts.dtype}"
+    elif opts.quantize:
+        if module.path in quantize_set:
+            step.out_kind = "int8" if opts.quantize == "int8" else "4bit"
+            step.transform = "quantize"
+            step.reason = f"merged in float, quantized to {opts.quantize}" if vector is not None else ""
+        elif vector is not None:
+            step.transform, step.reason = "multiply", "kept float (transformers does not quantize it)"
+    elif vector is not None:
+        step.transform, step.reason = _keep_storage_transform(module, output_side, opts)
+    step.outputs = _plan_outputs(step, opts, reader)
+    return step
+
+
+def _keep_storage_transform(module: Module, output_side: bool, opts: MergeOptions) -> tuple[str, str]:
+    if module.kind == "float":
+        return "multiply", "float weight"
+    if opts.requantize:
+        return "requantize", "requantization asked for (--requantize)"
+    if not output_side:
+        return "requantize", "input side: columns cannot be folded into row statistics"
+    if module.kind == "int8":
+        return "exact-fold", "SCB scaled, code signs flipped"
+    assert module.info is not None
+    if module.in_features % int(module.info["blocksize"]):
+        return "requantize", f"4-bit blocks of {module.info['blocksize']} straddle rows of {module.in_features}"
+    if "nested_blocksize" in module.info:
+        if opts.renest:
+            return "fold-renest", "absmax scaled, then nested again (--renest)"
+        return "exact-fold", "absmax scaled and stored de-nested as float32"
+    return "exact-fold", "absmax scaled"
+
+
+def _stored(reader: CheckpointReader, key: str) -> PlannedTensor:
+    info = reader.tensors[key]
+    return PlannedTensor(key, info.torch_dtype, info.shape)
+
+
+def _plan_outputs(step: Step, opts: MergeOptions, reader: CheckpointReader) -> list[PlannedTensor]:
+    """The output tensors of a module, with dtypes and shapes, before any of them is computed."""
+    m, p = step.module, step.module.path
+    bias = [f"{p}.bias"] if m.has_bias else []
+    if step.out_kind == "float":
+        dtype = FLOAT_DTYPES[opts.dtype]
+        shape = (m.in_features, m.out_features) if m.conv1d else (m.out_features, m.in_features)
+        return [PlannedTensor(f"{p}.weight", dtype, shape)] + [PlannedTensor(k, dtype, (m.out_features,))
+                                                                for k in bias]
+    if step.transform == "copy":
+        return [_stored(reader, k) for k in m.keys]
+    if step.transform == "multiply":
+        return [_stored(reader, k) for k in [f"{p}.weight", *bias]]
+    out_kind = m.kind if step.out_kind == "same" else step.out_kind
+    bias_plan = [_stored(reader, k) for k in bias]
+    if out_kind == "int8":
+        plans = [PlannedTensor(f"{p}.weight", torch.int8, (m.out_features, m.in_features)),
+                 PlannedTensor(f"{p}.SCB", torch.float32, (m.out_features,))]
+        if step.transform == "quantize" or f"{p}.weight_format" in m.keys:
+            plans.append(PlannedTensor(f"{p}.weight_format", torch.uint8, ()))
+        return plans + bias_plan
+    if step.transform == "quantize":
+        quant_type, blocksize, nested = opts.quantize, 64, opts.double_quant
+    else:
+        assert m.info is not None
+        quant_type, blocksize = m.info["quant_type"], int(m.info["blocksize"])
+        nested = "nested_blocksize" in m.info and step.transform != "exact-fold"
+    elements = m.in_features * m.out_features
+    blocks = -(-elements // blocksize)
+    plans = [PlannedTensor(f"{p}.weight", torch.uint8, ((elements + 1) // 2, 1)),
+             PlannedTensor(f"{p}.weight.quant_map", torch.float32, (16,)),
+             PlannedTensor(f"{p}.weight.quant_state.bitsandbytes__{quant_type}", torch.uint8, (0,),
+                           max_bytes=STATE_MAX_BYTES)]
+    if nested:
+        plans += [PlannedTensor(f"{p}.weight.absmax", torch.uint8, (blocks,)),
+                  PlannedTensor(f"{p}.weight.nested_absmax", torch.float32, (-(-blocks // 256),)),
+                  PlannedTensor(f"{p}.weight.nested_quant_map", torch.float32, (256,))]
+    else:
+        plans.append(PlannedTensor(f"{p}.weight.absmax", torch.float32, (blocks,)))
+    return plans + bias_plan
+
+
+def _scaled(weight: torch.Tensor, vector: torch.Tensor | None, rows: bool, where: str) -> torch.Tensor:
+    return weight if vector is None else floating.scale(weight, vector, rows=rows, where=where)
+
+
+def _scaled_bias(bias: torch.Tensor, step: Step) -> torch.Tensor:
+    if step.vector is None or not step.output_side:
+        return bias
+    return floating.scale(bias.reshape(-1, 1), step.vector, rows=True, where=f"{step.module.path}.bias").reshape(-1)
+
+
+def _decode(module: Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The module's weight in float32, [out, in] (Conv1D transposed to Linear orientation)."""
+    p = module.path
+    weight = tensors[f"{p}.weight"]
+    if module.kind == "int8":
+        return int8.decode(weight, tensors[f"{p}.SCB"])
+    if module.kind == "4bit":
+        return four_bit.decode(_packed(module, tensors))
+    return (weight.t() if module.transposed else weight).float()
+
+
+def _packed(module: Module, tensors: dict[str, torch.Tensor]) -> four_bit.Packed4bit:
+    prefix = f"{module.path}.weight."
+    stats = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return four_bit.Packed4bit(tensors[f"{module.path}.weight"], stats)
+
+
+def transform_module(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOptions) -> dict[str, torch.Tensor]:
+    """The module's output tensors (keys as planned) from its stored ``tensors``. Pure: no file access."""
+    m, p, v = step.module, step.module.path, step.vector
+    out: dict[str, torch.Tensor] = {}
+    bias = tensors.get(f"{p}.bias")
+    if step.out_kind == "float":
+        weight = _decode(m, tensors)
+        dtype = FLOAT_DTYPES[opts.dtype]
+        if v is not None:
+            weight = floating.scale(weight, v, rows=step.output_side, where=p)
+        out[f"{p}.weight"] = _cast(weight.t() if m.conv1d else weight, dtype, f"{p}.weight")
+        if bias is not None:
+            out[f"{p}.bias"] = _cast(_scaled_bias(bias.float(), step), dtype, f"{p}.bias")
+        return out
+    if bias is not None:
+        out[f"{p}.bias"] = _scaled_bias(bias, step)
+    if step.transform == "multiply":
+        rows = step.output_side != m.transposed
+        out[f"{p}.weight"] = _scaled(tensors[f"{p}.weight"], v, rows, p)
+        return out
+    if step.transform == "quantize":
+        stored = tensors[f"{p}.weight"]
+        weight = stored.t() if m.transposed else stored
+        weight = _scaled(weight.contiguous(), v, step.output_side, p)
+        if opts.quantize == "int8":
+            codes, scb = int8.encode(weight)
+            out.update({f"{p}.weight": codes, f"{p}.SCB": scb,
+                        f"{p}.weight_format": torch.tensor(0, dtype=torch.uint8)})
+        else:
+            packed = four_bit.encode(weight, opts.quantize, 64, opts.double_quant, dtype=weight.dtype)
+            out.update(packed.tensors(f"{p}.weight"))
+        return out
+    assert v is not None
+    if m.kind == "int8":
+        codes, scb = tensors[f"{p}.weight"], tensors[f"{p}.SCB"]
+        if step.transform == "exact-fold":
+            codes, scb = int8.fold_rows(codes, scb, v)
+        else:
+            codes, scb = int8.encode(floating.scale(int8.decode(codes, scb), v, rows=step.output_side, where=p))
+        out.update({f"{p}.weight": codes, f"{p}.SCB": scb})
+        if f"{p}.weight_format" in tensors:
+            out[f"{p}.weight_format"] = tensors[f"{p}.weight_format"]
+        return out
+    packed = _packed(m, tensors)
+    if step.transform in ("exact-fold", "fold-renest"):
+        merged = four_bit.fold_rows(packed, v)
+        if step.transform == "fold-renest":
+            merged = four_bit.renest(merged)
+    else:
+        info = packed.info
+        weight = floating.scale(four_bit.decode(packed), v, rows=step.output_side, where=p)
+        merged = four_bit.encode(weight, info["quant_type"], int(info["blocksize"]), packed.nested,
+                                 dtype=getattr(torch, info["dtype"]))
+    out.update(merged.tensors(f"{p}.weight"))
+    return out
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    result = tensor.to(dtype).contiguous()
+    if not torch.isfinite(result).all() and torch.isfinite(tensor).all():
+        raise TargetError(f"{where}: merged values overflow {str(dtype).removeprefix('torch.')}",
+                          hint="write a wider --dtype such as float32")
+    return result
+
+
+_WRAPPERS = {"float": Linear, "int8": Linear8bitLt, "4bit": Linear4bit}
+
+
+def check_module(step: Step, tensors: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+                 opts: MergeOptions, threshold: float) -> tuple[float, float]:
+    """Relative and max-abs error of the merged layer against the IA3-wrapped original on probe inputs."""
+    m, p = step.module, step.module.path
+    truth = _WRAPPERS[m.kind](build_layer(m.kind, tensors, p, m.in_features, m.out_features, m.transposed, threshold),
+                              "merge", is_feedforward=not step.output_side)
+    with torch.no_grad():
+        truth.ia3_l["merge"].copy_(step.vector.float().reshape(truth.vector_shape))
+    out_kind = m.kind if step.out_kind == "same" else step.out_kind
+    # A float output keeps Conv1D's [in, out] orientation (transformers loads it into a Conv1D again).
+    candidate = build_layer(out_kind, outputs, p, m.in_features, m.out_features, out_kind == "float" and m.conv1d,
+                            threshold)
+    x = probes(p, m.in_features, opts.probe_tokens, opts.probe_scale, opts.seed)
+    return compare(truth, candidate, x)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def prepare_output(out: Path, inputs: list[Path], force: bool) -> Path:
+    """Check OUT against the inputs and make an empty temporary sibling to build it in."""
+    resolved = out.resolve()
+    for source in inputs:
+        src = source.resolve()
+        if _inside(resolved, src):
+            raise OutputError(f"{out}: is inside the input {source}", hint="write the output somewhere else")
+        if _inside(src, resolved):
+            raise OutputError(f"{out}: contains the input {source}", hint="write the output somewhere else")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputError(f"{out}: already exists", hint="choose a new directory or pass --force to replace it")
+        if not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a directory", hint="remove it or choose another path")
+    parent = resolved.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{resolved.name}.", suffix=".ia3convert-tmp", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # a normal directory once published, not mkdtemp's private 0700
+        return tmp
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create the output here ({exc.strerror or exc})",
+                          hint="choose a writable location") from None
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished temporary directory to OUT (replacing an old OUT only now, when all is done)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.ia3convert-old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _output_config(reader: CheckpointReader, opts: MergeOptions) -> bytes | None:
+    """New config.json bytes, or None to copy the base's unchanged."""
+    if opts.dtype:
+        config = dict(reader.config)
+        config.pop("quantization_config", None)
+        config["dtype"] = opts.dtype
+        config.pop("torch_dtype", None)
+    elif opts.quantize:
+        config = dict(reader.config)
+        config["quantization_config"] = _bnb_config(opts).to_dict()
+    else:
+        return None
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _bnb_config(opts: MergeOptions):
+    from transformers import BitsAndBytesConfig
+
+    if opts.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=opts.quantize,
+                              bnb_4bit_use_double_quant=opts.double_quant)
+
+
+class Merger:
+    """One merge: plan from headers and the model skeleton, then stream, transform, check and write."""
+
+    def __init__(self, base: Path, adapter: Adapter, opts: MergeOptions) -> None:
+        self.base, self.adapter, self.opts = base, adapter, opts
+        self.reader = CheckpointReader(base)
+        check_base_storage(self.reader)
+        if opts.quantize and self.reader.quantization_config:
+            raise OutputError(f"--quantize {opts.quantize}: the base {base} is already quantized",
+                              hint="merge it as it is (no --quantize), or write floats with --dtype")
+        skeleton = build_skeleton(base)
+        linear = linear_modules(skeleton)
+        self.modules = find_modules(self.reader, linear)
+        check_adapter_fits(adapter, self.modules, base)
+        quantize_set = modules_to_quantize(skeleton, _bnb_config(opts)) if opts.quantize else set()
+        qc = self.reader.quantization_config or {}
+        self.threshold = float(qc.get("llm_int8_threshold", 6.0))
+        self.steps: dict[str, Step] = {}
+        for path, module in self.modules.items():
+            vector = adapter.vectors.get(path)
+            output_side = vector is None or not adapter.is_feedforward(path)
+            flat = None if vector is None else vector.detach().float().reshape(-1)
+            step = plan_step(module, flat, output_side, opts, quantize_set, self.reader)
+            if step.transform != "copy" or step.out_kind == "float":
+                self.steps[path] = step
+        self.owner = {k: path for path, step in self.steps.items() for k in step.module.keys}
+        self.plan = self._plan()
+
+    def _plan(self) -> list[PlannedTensor]:
+        plan, seen = [], set()
+        for key in self.reader.tensors:
+            owner = self.owner.get(key)
+            if owner is None:
+                info = self.reader.tensors[key]
+                dtype = info.torch_dtype
+                if self.opts.dtype and dtype.is_floating_point:
+                    dtype = FLOAT_DTYPES[self.opts.dtype]
+                plan.append(PlannedTensor(key, dtype, info.shape))
+            elif owner not in seen:
+                seen.add(owner)
+                plan.extend(self.steps[owner].outputs)
+        return plan
+
+    def run(self, tmp: Path, report: MergeReport, progress: Callable[[int, int], None] | None) -> None:
+        writer = StreamingWriter(tmp, self.plan, parse_size(self.opts.max_shard_size))
+        try:
+            total, seen = len(self.reader.tensors), set()
+            for done, key in enumerate(self.reader.tensors, start=1):
+                owner = self.owner.get(key)
+                if owner is None:
+                    self._copy(writer, key)
+                elif owner not in seen:
+                    seen.add(owner)
+                    self._merge_module(writer, self.steps[owner], report)
+                if progress is not None:
+                    progress(done, total)
+            report.files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _copy(self, writer: StreamingWriter, key: str) -> None:
+        info = self.reader.tensors[key]
+        if self.opts.dtype and info.torch_dtype.is_floating_point \
+                and info.torch_dtype != FLOAT_DTYPES[self.opts.dtype]:
+            writer.write(key, _cast(self.reader.get(key), FLOAT_DTYPES[self.opts.dtype], key))
+        else:
+            writer.write(key, self.reader.raw(key))
+
+    def _merge_module(self, writer: StreamingWriter, step: Step, report: MergeReport) -> None:
+        m = step.module
+        tensors = {k: self.reader.get(k) for k in m.keys}
+        outputs = transform_module(step, tensors, self.opts)
+        if step.vector is not None:
+            out_storage = self._out_storage(step)
+            entry = ModuleReport(module=m.path, storage=m.storage, scales="output" if step.output_side else "input",
+                                 transform=step.transform, reason=step.reason, out_storage=out_storage)
+            if self.opts.check:
+                entry.rel_error, entry.max_abs_error = check_module(step, tensors, outputs, self.opts, self.threshold)
+                entry.limit = self.opts.max_error if self.opts.max_error is not None \
+                    else default_limit(step.transform, out_storage)
+            report.modules.append(entry)
+        for planned in step.outputs:
+            writer.write(planned.key, outputs[planned.key])
+
+    def _out_storage(self, step: Step) -> str:
+        if step.out_kind == "float":
+            return self.opts.dtype or "float"
+        if step.transform == "quantize":
+            suffix = "+dq" if self.opts.double_quant else ""
+            return "int8" if self.opts.quantize == "int8" else f"{self.opts.quantize}{suffix}"
+        if step.transform == "exact-fold" and step.module.storage.endswith("+dq"):
+            return step.module.storage.removesuffix("+dq")
+        return step.module.storage
+
+
+def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, adapter_name: str | None = None,
+          quantize: str | None = None, double_quant: bool = False, dtype: str | None = None, renest: bool = False,
+          requantize: bool = False, check: bool = True, max_error: float | None = None, probe_tokens: int = 32,
+          probe_scale: float = 1.0, seed: int = 0, max_shard_size: str | int = "5GB", force: bool = False,
+          progress: Callable[[int, int], None] | None = None) -> MergeReport:
+    """Merge an IA3 adapter into a base checkpoint and write a self-contained model to ``out``.
+
+    ``base`` and ``adapter`` are local directories or Hub repo ids. By default the output keeps the base's
+    storage (int8, nf4/fp4, float); ``quantize`` ("int8", "nf4", "fp4", with ``double_quant``) quantizes a
+    float base on the way out, exactly as transformers would on load; ``dtype`` ("float16", "bfloat16",
+    "float32") writes a dequantized float model instead. ``renest`` keeps nested 4-bit layers nested after an
+    exact fold (small error); ``requantize`` forces dequantize-scale-requantize everywhere.
+
+    Every merged module is checked against the IA3-wrapped original layer on ``probe_tokens`` seeded inputs;
+    an error above ``max_error`` (default: per transform kind) raises ``MergeCheckError`` and writes nothing.
+    The output is built in a temporary sibling of ``out`` and renamed into place only when complete; an
+    existing ``out`` is replaced only with ``force``. Returns the report (also saved as merge_report.json).
+    """
+    from .sources import resolve_adapter, resolve_base
+
+    started = time.perf_counter()
+    opts = MergeOptions(adapter_name=adapter_name, quantize=quantize, double_quant=double_quant, dtype=dtype,
+                        renest=renest, requantize=requantize, check=check, max_error=max_error,
+                        probe_tokens=probe_tokens, probe_scale=probe_scale, seed=seed,
+                        max_shard_size=max_shard_size, force=force)
+    opts.validate()
+    parse_size(max_shard_size)
+    base_dir = resolve_base(base)
+    loaded = adapter if isinstance(adapter, Adapter) else read_adapter(resolve_adapter(adapter), adapter_name)
+    out = Path(out)
+    inputs = [base_dir] + ([loaded.source] if loaded.source is not None else [])
+    merger = Merger(base_dir, loaded, opts)
+    tmp = prepare_output(out, inputs, force)
+    report = MergeReport(base=str(base), adapter=str(adapter if not isinstance(adapter, Adapter) else loaded.source),
+                         adapter_name=loaded.name, out=str(out), checked=check,
+                         options={k: v for k, v in vars(opts).items() if k != "force"})
+    try:
+        merger.run(tmp, report, progress)
+        if not report.passed:
+            raise MergeCheckError(report)
+        config = _output_config(merger.reader, opts)
+        if config is None:
+            copy_file(base_dir / "config.json", tmp / "config.json")
+        else:
+            (tmp / "config.json").write_bytes(config)
+        for extra in merger.reader.other_files():
+            copy_file(extra, tmp / extra.name)
+        report.seconds = round(time.perf_counter() - started, 3)
+        (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report

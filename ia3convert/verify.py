@@ -1,0 +1,164 @@
+"""Merge-accuracy checks: each merged module against the IA3-wrapped layer over the ORIGINAL tensors.
+
+Ground truth is the forward of ``layers``' wrappers (PEFT's math) around a bitsandbytes or float layer built
+from the base's stored tensors; the candidate is a plain layer built from the merged tensors. Both are built
+the same way (eval mode, float32 compute) and run on the same seeded probe inputs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# Default --max-error (relative Frobenius error of the layer output) per transform kind and storage.
+# Exact folds only reorder float32 rounding; re-quantization costs about a fresh quantization (int8 ~1%,
+# nf4 ~10%, fp4 ~13% of the weight), to which int8 layers add their activation rounding.
+DEFAULT_LIMITS: dict[str, float] = {
+    "exact-fold": 1e-5,
+    "fold-renest": 1e-2,
+    "multiply": 1e-2,
+    "dequantize": 3e-2,
+    "requantize:int8": 5e-2,
+    "requantize:nf4": 0.2,
+    "requantize:fp4": 0.25,
+}
+
+
+def default_limit(transform: str, storage: str) -> float:
+    """The default --max-error for a module merged by ``transform`` into ``storage``."""
+    if transform in ("requantize", "quantize"):
+        base = "int8" if storage == "int8" else ("fp4" if storage.startswith("fp4") else "nf4")
+        return DEFAULT_LIMITS[f"requantize:{base}"]
+    return DEFAULT_LIMITS[transform]
+
+
+@dataclass
+class ModuleReport:
+    """How one adapted module was merged and how close the result is to the IA3 forward."""
+
+    module: str
+    storage: str
+    scales: str
+    transform: str
+    reason: str
+    out_storage: str
+    rel_error: float | None = None
+    max_abs_error: float | None = None
+    limit: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_error is None or self.limit is None or self.rel_error <= self.limit
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: per module, the transform and its measured error; overall, whether all passed."""
+
+    base: str
+    adapter: str
+    adapter_name: str
+    out: str
+    options: dict[str, Any]
+    modules: list[ModuleReport] = field(default_factory=list)
+    checked: bool = True
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(m.ok for m in self.modules)
+
+    @property
+    def failures(self) -> list[ModuleReport]:
+        return [m for m in self.modules if not m.ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        data["summary"] = self.summary()
+        return data
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and worst errors per transform kind."""
+        kinds: dict[str, dict[str, Any]] = {}
+        for m in self.modules:
+            entry = kinds.setdefault(m.transform, {"modules": 0, "max_rel_error": None})
+            entry["modules"] += 1
+            if m.rel_error is not None:
+                entry["max_rel_error"] = max(entry["max_rel_error"] or 0.0, m.rel_error)
+        return kinds
+
+    def table(self) -> str:
+        """A compact, aligned text table (one line per module)."""
+        if not self.modules:
+            return "no module merged"
+        width = max(len(m.module) for m in self.modules)
+        lines = [f"{'module':<{width}}  {'storage':<8} {'scales':<6} {'transform':<10} {'rel error':>10} "
+                 f"{'max abs':>10} {'limit':>8}"]
+        for m in self.modules:
+            rel = "-" if m.rel_error is None else f"{m.rel_error:.2e}"
+            mx = "-" if m.max_abs_error is None else f"{m.max_abs_error:.2e}"
+            lim = "-" if m.limit is None else f"{m.limit:.0e}"
+            flag = "" if m.ok else "  FAIL"
+            lines.append(f"{m.module:<{width}}  {m.storage:<8} {m.scales:<6} {m.transform:<10} {rel:>10} "
+                         f"{mx:>10} {lim:>8}{flag}")
+        return "\n".join(lines)
+
+
+def build_layer(kind: str, tensors: dict[str, torch.Tensor], prefix: str, in_features: int, out_features: int,
+                transposed: bool = False, threshold: float = 6.0) -> nn.Module:
+    """A layer computing what transformers' loaded layer computes for these stored tensors (eval mode).
+
+    ``kind`` is ``float``, ``int8`` or ``4bit``; ``tensors`` are checkpoint tensors keyed as on disk;
+    ``transposed`` marks a float Conv1D weight stored as [in, out].
+    """
+    bias = tensors.get(f"{prefix}.bias")
+    weight = tensors[f"{prefix}.weight"]
+    if kind == "float":
+        layer = nn.Linear(in_features, out_features, bias=bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(weight.t().float() if transposed else weight.float())
+            if bias is not None:
+                layer.bias.copy_(bias.float())
+        return layer.eval()
+    import bitsandbytes as bnb
+
+    if kind == "int8":
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
+                                    threshold=threshold)
+        codes, scb = weight.clone(), tensors[f"{prefix}.SCB"].clone()
+        layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scb)
+    else:
+        stats = {k[len(prefix) + len(".weight."):]: v for k, v in tensors.items()
+                 if k.startswith(f"{prefix}.weight.")}
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=torch.float32)
+        layer.weight = bnb.nn.Params4bit.from_prequantized(data=weight, quantized_stats=stats, requires_grad=False,
+                                                           device="cpu", module=layer)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.float(), requires_grad=False)
+    return layer.eval()
+
+
+def probes(path: str, in_features: int, tokens: int, scale: float, seed: int) -> torch.Tensor:
+    """Seeded normal inputs for one module (the seed mixes in the module path, so modules differ)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
+    return torch.randn(tokens, in_features, generator=generator) * scale
+
+
+def compare(truth: nn.Module, candidate: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(relative Frobenius error, max absolute error) of candidate(x) against truth(x)."""
+    with torch.no_grad():
+        expected = truth(x).double()
+        got = candidate(x).double()
+    diff = got - expected
+    norm = expected.norm().item()
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    if not torch.isfinite(got).all():
+        return float("inf"), float("inf")
+    rel = diff.norm().item() / norm if norm > 0 else max_abs
+    return rel, max_abs
