@@ -1,4 +1,4 @@
-"""ia3convert: (IA)^3 adapters on bitsandbytes-quantized models: wrap, load, save, and (soon) merge.
+"""ia3convert: (IA)^3 adapters on bitsandbytes-quantized models: wrap, load, save and merge.
 
 The public API is importable from the package root. Names are resolved on first use so that
 ``import ia3convert`` (and ``ia3convert --help``) does not pay for importing torch and transformers.
@@ -36,6 +36,11 @@ _EXPORTS = {
     "target_modules": "wrap",
     "prepare_model_for_kbit_training": "training",
     "load_model": "loading",
+    "merge": "merging",
+    "MergeReport": "verify",
+    "ModuleReport": "verify",
+    "MergeCheckError": "errors",
+    "HubError": "errors",
     "IA3ConvertError": "errors",
     "AdapterError": "errors",
     "CheckpointError": "errors",

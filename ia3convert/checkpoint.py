@@ -123,7 +123,6 @@ class CheckpointReader:
         for file in self.files:
             tensors, _ = read_header(file)
             self.tensors.update(tensors)
-        self._handles: dict[Path, Any] = {}
 
     def _weight_files(self) -> list[Path]:
         index = self.path / INDEX_NAME
@@ -152,22 +151,25 @@ class CheckpointReader:
     def quantization_config(self) -> dict[str, Any] | None:
         return self.config.get("quantization_config")
 
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor, read from disk now (a copy; the file is not kept mapped)."""
-        from safetensors import safe_open
+        """One tensor, read from disk now into its own memory.
 
+        Plain reads, not a memory map: mapped pages of a large checkpoint would stay resident and count
+        against the process for the whole merge.
+        """
         info = self.tensors[key]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = safe_open(str(info.file), framework="pt")
-            self._handles[info.file] = handle
-        return handle.get_tensor(key)
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.torch_dtype)
+        buffer = bytearray(info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(buffer) != info.nbytes:
+                raise CheckpointError(f"{info.file}: ended early while reading {key}",
+                                      hint="the file changed or is truncated")
+        return torch.frombuffer(buffer, dtype=info.torch_dtype).reshape(info.shape)
 
     def raw(self, key: str) -> bytes:
         """The tensor's bytes exactly as stored."""
@@ -287,6 +289,26 @@ class StreamingWriter:
         self._written: set[str] = set()
         self._small: dict[str, bytes] = {}
         self._files = {s.name: open(out_dir / s.name, "r+b") for s in self.shards}  # noqa: SIM115
+
+    def copy(self, key: str, source: TensorInfo, chunk: int = 16 * 1024 * 1024) -> None:
+        """Write a planned tensor by copying its stored bytes from ``source`` in blocks (never whole)."""
+        planned = self.plan.get(key)
+        if planned is None or key in self._written or planned.deferred or planned.nbytes != source.nbytes:
+            raise ValueError(f"{key}: cannot be copied as planned")
+        shard = self.where[key]
+        f = self._files[shard.name]
+        f.seek(8 + shard.header_room + shard.offsets[key])
+        with open(source.file, "rb") as src:
+            src.seek(source.start)
+            left = source.nbytes
+            while left:
+                block = src.read(min(chunk, left))
+                if not block:
+                    raise CheckpointError(f"{source.file}: ended early while copying {key}",
+                                          hint="the file changed or is truncated")
+                f.write(block)
+                left -= len(block)
+        self._written.add(key)
 
     def write(self, key: str, data: torch.Tensor | bytes) -> None:
         """Write one planned tensor (or its raw bytes) at its place."""

@@ -114,7 +114,7 @@ def merge(base: str, adapter: str, out: str, adapter_name: str | None, quantize:
     IA3-wrapped original layer; OUT appears only when the merge is complete and checked.
     """
     from .errors import MergeCheckError
-    from .merge import merge as run_merge
+    from .merging import merge as run_merge
 
     _quiet_libraries()
     bar = None

@@ -119,24 +119,26 @@ def build_layer(kind: str, tensors: dict[str, torch.Tensor], prefix: str, in_fea
     """
     bias = tensors.get(f"{prefix}.bias")
     weight = tensors[f"{prefix}.weight"]
+    # Built on the meta device: no time spent on random initial weights that are replaced at once.
     if kind == "float":
-        layer = nn.Linear(in_features, out_features, bias=bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(weight.t().float() if transposed else weight.float())
-            if bias is not None:
-                layer.bias.copy_(bias.float())
-        return layer.eval()
-    import bitsandbytes as bnb
+        with torch.device("meta"):
+            layer = nn.Linear(in_features, out_features, bias=bias is not None)
+        layer.weight = nn.Parameter((weight.t() if transposed else weight).float().contiguous(), requires_grad=False)
+    elif kind == "int8":
+        import bitsandbytes as bnb
 
-    if kind == "int8":
-        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
-                                    threshold=threshold)
+        with torch.device("meta"):
+            layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
+                                        threshold=threshold)
         codes, scb = weight.clone(), tensors[f"{prefix}.SCB"].clone()
         layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scb)
     else:
+        import bitsandbytes as bnb
+
         stats = {k[len(prefix) + len(".weight."):]: v for k, v in tensors.items()
                  if k.startswith(f"{prefix}.weight.")}
-        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=torch.float32)
+        with torch.device("meta"):
+            layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=torch.float32)
         layer.weight = bnb.nn.Params4bit.from_prequantized(data=weight, quantized_stats=stats, requires_grad=False,
                                                            device="cpu", module=layer)
     if bias is not None:

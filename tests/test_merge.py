@@ -15,7 +15,7 @@ from conftest import ADAPTERS, ARCHS, MODELS, STORAGES, load, output, rel_err, s
 import ia3convert as ia
 from ia3convert.checkpoint import CheckpointReader
 from ia3convert.cli import main
-from ia3convert.merge import merge
+from ia3convert.merging import merge
 
 # Whole-model bound per storage for PEFT's default adapters, which scale some inputs (re-quantized modules).
 MODEL_BOUND = {"fp16": 2e-3, "int8": 0.06, "nf4": 0.2, "fp4": 0.25, "nf4-dq": 0.2}
@@ -277,3 +277,25 @@ def test_unreachable_hub_id_is_a_clear_error(tmp_path, monkeypatch):
     result = run("merge", "someone/some-model", ADAPTERS / "llama", tmp_path / "out")
     assert result.exit_code == 8 and "someone/some-model" in result.output
     assert result.output.count("\n") == 1
+
+
+def test_python_api_is_the_function(tmp_path):
+    import ia3convert.merging  # noqa: F401  (importing the implementation must not shadow ia3convert.merge)
+
+    report = ia.merge(MODELS / "bert-fp4", ADAPTERS / "bert", tmp_path / "m")
+    assert isinstance(report, ia.MergeReport) and report.passed
+    assert {m.transform for m in report.modules} == {"exact-fold", "requantize"}
+
+
+def test_interrupted_merge_leaves_nothing(tmp_path):
+    """Ctrl-C (or any failure) midway: no OUT, no temporary directory, inputs untouched."""
+    before = digest(MODELS / "llama-int8")
+
+    def interrupt(done, total):
+        if done == total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        merge(MODELS / "llama-int8", ADAPTERS / "llama", tmp_path / "m", progress=interrupt)
+    assert list(tmp_path.iterdir()) == []
+    assert digest(MODELS / "llama-int8") == before

@@ -1,5 +1,8 @@
 """Merge an IA3 adapter into a checkpoint, streaming tensor by tensor: plan, transform, check, write.
 
+(Named ``merging`` so that the package attribute ``ia3convert.merge`` stays the function: importing a
+submodule named ``merge`` would replace it with the module.)
+
 For every adapted module the plan picks the most exact transform the storage allows:
 - ``exact-fold``: output-side scaling folded into the quantization statistics (int8 ``SCB`` and code signs,
   4-bit ``absmax``); codes stay bit for bit, nothing is re-quantized;
@@ -518,7 +521,7 @@ class Merger:
                 and info.torch_dtype != FLOAT_DTYPES[self.opts.dtype]:
             writer.write(key, _cast(self.reader.get(key), FLOAT_DTYPES[self.opts.dtype], key))
         else:
-            writer.write(key, self.reader.raw(key))
+            writer.copy(key, info)
 
     def _merge_module(self, writer: StreamingWriter, step: Step, report: MergeReport) -> None:
         m = step.module
