@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .config import IA3Config
+from .config import ALL_LINEAR, IA3Config
 from .errors import AdapterError, OutputError
 
 CONFIG_NAME = "adapter_config.json"
@@ -49,6 +50,7 @@ class Adapter:
     vectors: dict[str, torch.Tensor]
     name: str = DEFAULT_ADAPTER
     source: Path | None = field(default=None, compare=False)
+    dropped: list[str] = field(default_factory=list, compare=False)  # non-IA3 keys left out by a lenient read
 
     def is_feedforward(self, path: str) -> bool:
         """True when this module's input is scaled (vector shape ``(1, n)``)."""
@@ -58,8 +60,10 @@ class Adapter:
         return rows == 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under PEFT's keys, contiguous, ready for safetensors."""
-        return {f"{KEY_PREFIX}{path}{KEY_SUFFIX}": v.detach().contiguous() for path, v in sorted(self.vectors.items())}
+        """Tensors under PEFT's keys, each its own contiguous copy (safetensors refuses tensors sharing memory,
+        and one vector object may well serve several modules)."""
+        return {f"{KEY_PREFIX}{path}{KEY_SUFFIX}": v.detach().clone(memory_format=torch.contiguous_format)
+                for path, v in sorted(self.vectors.items())}
 
     def save(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write this adapter into ``out_dir`` (created if missing) in PEFT's canonical format.
@@ -67,6 +71,7 @@ class Adapter:
         Each file is written under a temporary name and renamed into place, so a reader never sees half a file.
         ``dtype`` casts the vectors (refusing values that would overflow to infinity).
         """
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         out_dir = Path(out_dir)
@@ -77,9 +82,10 @@ class Adapter:
             out_dir.mkdir(parents=True, exist_ok=True)
             _atomic_write(out_dir / SAFETENSORS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
             _atomic_write(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json(), encoding="utf-8"))
-        except OSError as exc:
-            raise OutputError(f"{out_dir}: cannot write the adapter ({exc.strerror or exc})",
-                              hint="choose a writable output directory") from None
+        except (OSError, SafetensorError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise OutputError(f"{out_dir}: cannot write the adapter ({reason})",
+                              hint="free some disk space or choose a writable output directory") from None
         return out_dir
 
 
@@ -94,7 +100,10 @@ def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _atomic_write(target: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file once in place, not mkstemp's private 0600
         write(tmp)
         os.replace(tmp, target)
     except BaseException:
@@ -147,11 +156,15 @@ def _read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
                                hint="the file is damaged; save or download the adapter again") from None
     if bin_file.is_file():
         try:
-            data = torch.load(bin_file, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's concern
+                data = torch.load(bin_file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+            # torch's text advises weights_only=False (running the file's code); keep only what it refused.
+            detail = str(exc).partition("WeightsUnpickler error:")[2].strip().splitlines()
+            reason = f" ({detail[0].strip()})" if detail and detail[0].strip() else ""
             raise AdapterError(
-                f"{bin_file}: refused, the pickle holds objects that are not tensors ({first})",
+                f"{bin_file}: refused, the pickle holds objects that are not tensors{reason}; it was not run",
                 hint="only plain tensor files are loaded; ask for a safetensors adapter",
             ) from None
         except (OSError, RuntimeError, EOFError, ValueError) as exc:
@@ -176,11 +189,38 @@ def _module_path(key: str, adapter_name: str, where: Path) -> str:
                        hint="an IA3 adapter holds only 'base_model.model.<module>.ia3_l' tensors")
 
 
-def read_adapter(path: str | Path, adapter_name: str | None = None) -> Adapter:
+def vector_problem(config: IA3Config, module: str, tensor: torch.Tensor) -> tuple[str, str] | None:
+    """What is wrong with one stored IA3 vector, as ``(message, fix)``, or None when nothing is.
+
+    Checks the dtype and the shape, and, where the config decides it without a model (explicit targets, not
+    PEFT's per-architecture defaults or ``all-linear``), that the config selects the module (PEFT ignores a
+    vector it does not target) and that the vector's shape scales the side the config says.
+    """
+    if not tensor.is_floating_point():
+        return (f"has dtype {str(tensor.dtype).removeprefix('torch.')}, not a float",
+                "IA3 vectors are floating point; the file is not a valid adapter")
+    if tensor.dim() != 2 or 1 not in tensor.shape:
+        return f"has shape {tuple(tensor.shape)}", "IA3 vectors are (1, in_features) or (out_features, 1)"
+    if config.target_modules not in (None, ALL_LINEAR) and not config.is_target(module):
+        return (f"is for module {module}, which target_modules does not select (PEFT would ignore it)",
+                "add the module to target_modules in adapter_config.json, or remove the tensor")
+    rows, cols = tensor.shape
+    decided = config.feedforward_modules is not None and (rows, cols) != (1, 1)
+    if decided and config.is_feedforward(module) != (rows == 1):
+        sides = ("input", "output") if rows == 1 else ("output", "input")
+        return (f"has shape {(rows, cols)}, which scales the {sides[0]} of {module}, but feedforward_modules "
+                f"says it scales its {sides[1]}",
+                "make feedforward_modules in adapter_config.json list exactly the input-scaled modules")
+    return None
+
+
+def read_adapter(path: str | Path, adapter_name: str | None = None, *, strict: bool = True) -> Adapter:
     """Load one adapter from a directory: the root one, or the sub-folder ``adapter_name``.
 
-    Checks the structure (IA3 config, IA3 keys, 2-D floating vectors with one side of size 1) and raises
-    ``AdapterError`` naming the file and key otherwise. Values are not judged here (see validation).
+    Checks the structure (IA3 config, IA3 keys, 2-D floating vectors with one side of size 1, agreement of
+    vectors and config) and raises ``AdapterError`` naming the file and key otherwise. With ``strict=False``
+    tensors whose keys are not IA3 vectors are left out and listed in ``Adapter.dropped`` instead of refused.
+    Values are not judged here (see ``validation``).
     """
     folder, name = _adapter_dir(Path(path), adapter_name)
     config = IA3Config.from_file(folder / CONFIG_NAME)
@@ -189,17 +229,21 @@ def read_adapter(path: str | Path, adapter_name: str | None = None) -> Adapter:
                            hint="ia3convert handles adapters made of IA3 vectors only")
     tensors, source = _read_tensors(folder)
     vectors: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        module = _module_path(key, name, source)
-        if not tensor.is_floating_point():
-            raise AdapterError(f"{source}: tensor {key!r} has dtype {tensor.dtype}, not a float",
-                               hint="IA3 vectors are floating point; the file is not a valid adapter")
-        if tensor.dim() != 2 or 1 not in tensor.shape:
-            raise AdapterError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}",
-                               hint="IA3 vectors are (1, in_features) or (out_features, 1)")
+    dropped: list[str] = []
+    for key, tensor in sorted(tensors.items()):
+        try:
+            module = _module_path(key, name, source)
+        except AdapterError:
+            if strict:
+                raise
+            dropped.append(key)
+            continue
+        problem = vector_problem(config, module, tensor)
+        if problem is not None:
+            raise AdapterError(f"{source}: tensor {key!r} {problem[0]}", hint=problem[1])
         if module in vectors:
             raise AdapterError(f"{source}: module {module!r} appears twice", hint="the file is not a valid adapter")
         vectors[module] = tensor
     if not vectors:
         raise AdapterError(f"{source}: holds no IA3 vectors", hint="the adapter weights are empty")
-    return Adapter(config=config, vectors=vectors, name=name, source=folder)
+    return Adapter(config=config, vectors=vectors, name=name, source=folder, dropped=dropped)

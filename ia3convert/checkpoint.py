@@ -16,7 +16,8 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 class CheckpointReader:
     """A base model directory: its config and its tensors, read one at a time.
 
-    Accepts ``model.safetensors``, or shards listed in ``model.safetensors.index.json``.
+    Accepts ``model.safetensors``, or shards listed in ``model.safetensors.index.json``. ``bytes_read``
+    counts the tensor bytes read so far by ``get`` and ``raw`` (headers and configs are not counted).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.bytes_read = 0
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: does not exist", hint="give a model directory or a Hub repo id")
         if not self.path.is_dir():
@@ -169,6 +172,7 @@ class CheckpointReader:
             if f.readinto(buffer) != info.nbytes:
                 raise CheckpointError(f"{info.file}: ended early while reading {key}",
                                       hint="the file changed or is truncated")
+        self.bytes_read += info.nbytes
         return torch.frombuffer(buffer, dtype=info.torch_dtype).reshape(info.shape)
 
     def raw(self, key: str) -> bytes:
@@ -176,7 +180,9 @@ class CheckpointReader:
         info = self.tensors[key]
         with open(info.file, "rb") as f:
             f.seek(info.start)
-            return f.read(info.nbytes)
+            data = f.read(info.nbytes)
+        self.bytes_read += len(data)
+        return data
 
     def other_files(self) -> list[Path]:
         """Every file of the directory that is not weights, index or config (tokenizer, generation config...)."""
@@ -236,6 +242,16 @@ class _Shard:
     header_room: int = 0
 
 
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write of an output file (disk full, file too large, read-only) into ``OutputError``."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})",
+                          hint="free some disk space or choose another output location") from None
+
+
 def _header(entries: list[tuple[PlannedTensor, int, int, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
     header: dict[str, Any] = {"__metadata__": metadata}
     for item, begin, end, shape in entries:
@@ -283,12 +299,15 @@ class StreamingWriter:
             shard.fixed_size = sum(p.nbytes for p in shard.fixed)
             room = len(_header(entries, self.metadata))
             shard.header_room = room + (-(8 + room) % 8)  # data starts 8-byte aligned, as safetensors writes
-            with open(out_dir / shard.name, "wb") as f:
+            with writing(out_dir / shard.name), open(out_dir / shard.name, "wb") as f:
                 f.truncate(8 + shard.header_room + shard.fixed_size)
             self.shards.append(shard)
         self._written: set[str] = set()
         self._small: dict[str, bytes] = {}
-        self._files = {s.name: open(out_dir / s.name, "r+b") for s in self.shards}  # noqa: SIM115
+        self._files = {}
+        for s in self.shards:
+            with writing(out_dir / s.name):
+                self._files[s.name] = open(out_dir / s.name, "r+b")  # noqa: SIM115
 
     def copy(self, key: str, source: TensorInfo, chunk: int = 16 * 1024 * 1024) -> None:
         """Write a planned tensor by copying its stored bytes from ``source`` in blocks (never whole)."""
@@ -306,7 +325,8 @@ class StreamingWriter:
                 if not block:
                     raise CheckpointError(f"{source.file}: ended early while copying {key}",
                                           hint="the file changed or is truncated")
-                f.write(block)
+                with writing(self.out_dir / shard.name):
+                    f.write(block)
                 left -= len(block)
         self._written.add(key)
 
@@ -330,8 +350,9 @@ class StreamingWriter:
                 raise ValueError(f"{key}: planned {planned.nbytes} bytes, got {len(data)}")
             shard = self.where[key]
             f = self._files[shard.name]
-            f.seek(8 + shard.header_room + shard.offsets[key])
-            f.write(data)
+            with writing(self.out_dir / shard.name):
+                f.seek(8 + shard.header_room + shard.offsets[key])
+                f.write(data)
         self._written.add(key)
 
     def close(self) -> list[str]:
@@ -340,6 +361,10 @@ class StreamingWriter:
         if missing:
             self.abort()
             raise ValueError(f"tensors planned but never written: {missing[:5]}")
+        with writing(self.out_dir):
+            return self._finish()
+
+    def _finish(self) -> list[str]:
         total = 0
         weight_map = {}
         for shard in self.shards:
@@ -368,8 +393,10 @@ class StreamingWriter:
         return [s.name for s in self.shards]
 
     def abort(self) -> None:
+        """Close every file without finishing it (the caller removes them); a failing flush is ignored."""
         for f in self._files.values():
-            f.close()
+            with suppress(OSError):
+                f.close()
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -382,7 +409,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 def copy_file(src: Path, dst: Path, chunk: int = 16 * 1024 * 1024) -> None:
     """Copy in large blocks (no metadata: the output is a new file)."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    with open(src, "rb") as fin, writing(dst), open(dst, "wb") as fout:
         while block := fin.read(chunk):
             fout.write(block)
 

@@ -92,6 +92,8 @@ def wrap(base: str, adapter: str, adapter_name: str | None, prompt: str, as_json
 @click.option("--renest", is_flag=True,
               help="Keep nested 4-bit layers nested after an exact fold (costs ~1e-3 relative error).")
 @click.option("--requantize", is_flag=True, help="Dequantize-scale-requantize every merged module, no exact folds.")
+@click.option("--fold/--no-fold", default=True, show_default=True,
+              help="Move input-side scales onto the rows of the layer producing that input where that is exact.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Check every merged module against the IA3 forward.")
 @click.option("--max-error", type=float, default=None,
@@ -103,10 +105,17 @@ def wrap(base: str, adapter: str, adapter_name: str | None, prompt: str, as_json
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table, only errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--push-to", default=None, metavar="REPO_ID", help="After the merge, push OUT to this Hub repo.")
+@click.option("--private/--public", default=None, help="With --push-to: visibility of a repo that is created.")
+@click.option("--token", default=None, help="With --push-to: Hub token (default: HF_TOKEN, then the saved login).")
+@click.option("--base-model-id", default=None, metavar="REPO_ID", help="With --push-to: base model id for the card.")
+@click.option("--endpoint", envvar="HF_ENDPOINT", default=None, metavar="URL",
+              help="With --push-to: Hub endpoint (default: HF_ENDPOINT, else https://huggingface.co).")
 def merge(base: str, adapter: str, out: str, adapter_name: str | None, quantize: str | None, double_quant: bool,
-          dtype: str | None, renest: bool, requantize: bool, check: bool, max_error: float | None,
+          dtype: str | None, renest: bool, requantize: bool, fold: bool, check: bool, max_error: float | None,
           probe_tokens: int, probe_scale: float, max_shard_size: str, force: bool, quiet: bool,
-          as_json: bool) -> None:
+          as_json: bool, push_to: str | None, private: bool | None, token: str | None, base_model_id: str | None,
+          endpoint: str | None) -> None:
     """Merge ADAPTER into BASE and write a self-contained model to OUT.
 
     BASE and ADAPTER are local directories or Hub repo ids. The output keeps the base's storage (int8,
@@ -129,9 +138,10 @@ def merge(base: str, adapter: str, out: str, adapter_name: str | None, quantize:
     try:
         report = run_merge(base, adapter, out, adapter_name=adapter_name, quantize=quantize,
                            double_quant=double_quant, dtype=dtype, renest=renest, requantize=requantize,
-                           check=check, max_error=max_error, probe_tokens=probe_tokens, probe_scale=probe_scale,
+                           fold=fold, check=check, max_error=max_error, probe_tokens=probe_tokens,
+                           probe_scale=probe_scale,
                            max_shard_size=max_shard_size, force=force,
-                           progress=None if quiet or as_json else progress)
+                           progress=None if quiet or as_json or not sys.stderr.isatty() else progress)
     except MergeCheckError as exc:
         if not quiet:
             click.echo(exc.report.table(), err=True)
@@ -146,6 +156,135 @@ def merge(base: str, adapter: str, out: str, adapter_name: str | None, quantize:
         kinds = ", ".join(f"{v['modules']} {k}" + (f" (max {v['max_rel_error']:.1e})" if v["max_rel_error"]
                                                     is not None else "") for k, v in report.summary().items())
         click.echo(f"merged {len(report.modules)} modules into {out} in {report.seconds:.1f}s: {kinds or 'none'}")
+    if push_to:
+        from .hub import push as run_push
+
+        _quiet_hub_unless_terminal()
+        _print_push(run_push(out, push_to, private=private, token=token, base_model_id=base_model_id,
+                             endpoint=endpoint), err=as_json)
+
+
+def _quiet_hub_unless_terminal() -> None:
+    """huggingface_hub's upload progress bars only where someone watches them (not in pipes, logs, tests)."""
+    if not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def _print_push(result: Any, err: bool = False) -> None:
+    """What a push did (or would do): notes on stderr, then the file list and card (dry run) or the URL."""
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if result.dry_run:
+        click.echo(f"would push {len(result.files)} files to {result.repo_id} ({result.kind}):", err=err)
+        width = max(len(f) for f in result.files)
+        for name in result.files:
+            click.echo(f"  {name:<{width}}  {result.sizes[name]:>12,} bytes", err=err)
+        click.echo(f"--- README.md ---\n{result.card.rstrip()}\n---", err=err)
+        click.echo("dry run: nothing was sent", err=err)
+        return
+    where = f"pull request on {result.revision or 'main'}" if result.pr_url else (result.revision or "main")
+    click.echo(f"pushed {len(result.files)} files to {result.repo_id} ({result.kind}, {where}): {result.url}",
+               err=err)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--repo", "repo_id", required=True, metavar="REPO_ID",
+              help="Hub repo to push to: NAMESPACE/NAME, or NAME in the token's own namespace.")
+@click.option("--private/--public", default=None,
+              help="Visibility of a repo that is created (an existing repo with the other visibility is refused).")
+@click.option("--revision", default=None, metavar="BRANCH", help="Branch to commit to (created from main if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--commit-message", default=None, help="Summary of the commit.")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN, then the saved `hf auth login`).")
+@click.option("--base-model-id", default=None, metavar="REPO_ID",
+              help="Hub id of the base model for the card, when the local config names only a path.")
+@click.option("--dry-run", is_flag=True, help="List the files and show the card; contact nothing.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Upload only files matching (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Do not upload files matching (repeatable).")
+@click.option("--overwrite-card", is_flag=True, help="Replace the folder's README.md by a generated card.")
+@click.option("--endpoint", envvar="HF_ENDPOINT", default=None, metavar="URL",
+              help="Hub endpoint (default: HF_ENDPOINT, else https://huggingface.co).")
+def push(path: str, repo_id: str, private: bool | None, revision: str | None, create_pr: bool,
+         commit_message: str | None, token: str | None, base_model_id: str | None, dry_run: bool,
+         include: tuple[str, ...], exclude: tuple[str, ...], overwrite_card: bool, endpoint: str | None) -> None:
+    """Push PATH, an IA3 adapter directory or a merged model directory, to the Hub repo REPO_ID in one commit.
+
+    The adapter is validated first; a model needs config.json and weights. A model card (README.md with the
+    Hub's metadata: library, base model, tags; for a merged model the merge-accuracy summary) is generated, or
+    the folder's README.md is kept with missing metadata added. Hidden, temporary and cache files are never
+    uploaded. Prints the commit (or pull request) URL.
+    """
+    from .hub import push as run_push
+
+    _quiet_hub_unless_terminal()
+    result = run_push(path, repo_id, private=private, revision=revision, create_pr=create_pr,
+                      commit_message=commit_message, token=token, base_model_id=base_model_id, dry_run=dry_run,
+                      include=include, exclude=exclude, overwrite_card=overwrite_card, endpoint=endpoint)
+    _print_push(result)
+
+
+@main.command()
+@click.argument("adapter", type=str)
+@click.option("--base", default=None, help="A base model (directory or Hub repo id) to check the adapter against.")
+@click.option("--adapter-name", default=None, help="Which adapter of a multi-adapter directory to check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.pass_context
+def validate(ctx: click.Context, adapter: str, base: str | None, adapter_name: str | None, as_json: bool) -> None:
+    """Check ADAPTER (and, with --base, that it fits BASE) and list every problem with its fix.
+
+    One line per finding: severity (error, warning, info), module path or key, what is wrong, what to do.
+    The base is judged from config.json and safetensors headers only. Exit 0: no errors (warnings allowed);
+    1: errors found; 2: the adapter or the base could not be read at all.
+    """
+    from .validation import validate as run_validate
+
+    if base is not None:
+        _quiet_libraries()
+    try:
+        report = run_validate(adapter, base, adapter_name=adapter_name)
+    except IA3ConvertError as exc:
+        if ctx.meta.get("ia3convert.debug"):
+            raise
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(2)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.lines():
+            click.echo(line)
+        click.echo(report.summary())
+    ctx.exit(report.exit_code)
+
+
+@main.command()
+@click.argument("adapter", type=str)
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Cast the vectors (an overflowing cast is refused). Default: keep the stored dtype.")
+@click.option("--adapter-name", default="default", show_default=True,
+              help="Name of the adapter in OUT: 'default' at OUT's root, any other name in OUT/NAME/.")
+@click.option("--select", default=None, help="Which adapter of a multi-adapter ADAPTER directory to re-save.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def resave(adapter: str, out: str, dtype: str | None, adapter_name: str, select: str | None, force: bool) -> None:
+    """Write ADAPTER to OUT in PEFT's canonical format (safetensors, sorted config lists, peft_type IA3).
+
+    ADAPTER may hold safetensors or a legacy adapter_model.bin; tensors that are not IA3 vectors are dropped
+    with a warning naming them. OUT is validated and appears only when complete.
+    """
+    import warnings
+
+    from .resaving import resave as run_resave
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same messages are in the result; printed below as one line each
+        result = run_resave(adapter, out, dtype=dtype, adapter_name=adapter_name, select=select, force=force)
+    for message in result.warnings:
+        click.echo(f"warning: {message}", err=True)
+    cast = f" as {result.dtype}" if result.dtype else ""
+    click.echo(f"wrote {result.modules} vectors of {result.source}{cast} to {result.folder}")
 
 
 if __name__ == "__main__":  # pragma: no cover

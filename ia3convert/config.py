@@ -155,19 +155,7 @@ class IA3Config:
     @classmethod
     def from_file(cls, path: str | Path) -> IA3Config:
         """Read ``adapter_config.json``."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise AdapterError(f"{path}: not found", hint="an adapter directory holds adapter_config.json") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AdapterError(f"{path}: cannot be read ({exc})", hint="check the file") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise AdapterError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})",
-                               hint="fix or re-save the adapter config") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_config_json(path), where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object PEFT writes (known fields only, lists sorted)."""
@@ -219,6 +207,23 @@ class IA3Config:
         if isinstance(spec, str):
             return re.fullmatch(spec, path) is not None
         return any(path.endswith(entry) for entry in spec)
+
+
+def read_config_json(path: str | Path) -> Any:
+    """The parsed JSON of an ``adapter_config.json``, or ``AdapterError`` naming the file when it cannot be read."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: not found", hint="an adapter directory holds adapter_config.json") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise AdapterError(f"{path}: cannot be read ({reason})", hint="check the file") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})",
+                           hint="fix or re-save the adapter config") from None
 
 
 def _matches(spec: ModuleSpec, path: str) -> bool:

@@ -26,6 +26,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path / 'config.json'}: cannot be read ({exc})",
                               hint="fix or re-save the model config") from None
+    method = (getattr(config, "quantization_config", None) or {}).get("quant_method", "bitsandbytes")
+    if method != "bitsandbytes":
+        raise CheckpointError(f"{path}: quantized with {method}, not bitsandbytes",
+                              hint="ia3convert handles float, int8 (LLM.int8) and 4-bit (NF4/FP4) checkpoints")
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
@@ -33,7 +37,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     transformers.logging.set_verbosity_error()
     try:
         return cls.from_pretrained(path, device_map="cpu", dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: cannot be loaded ({first})",
                               hint="check that the checkpoint is complete and bitsandbytes is installed") from None

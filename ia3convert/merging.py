@@ -37,12 +37,22 @@ from .checkpoint import (
     copy_file,
     fsync_dir,
     parse_size,
+    writing,
 )
 from .codecs import floating, four_bit, int8
 from .errors import AdapterError, CheckpointError, MergeCheckError, OutputError, TargetError
-from .layers import Linear, Linear4bit, Linear8bitLt
+from .folds import Fold, find_fold
 from .skeleton import build_skeleton, linear_modules, modules_to_quantize
-from .verify import MergeReport, ModuleReport, build_layer, compare, default_limit, probes
+from .verify import (
+    MergeReport,
+    ModuleReport,
+    build_layer,
+    check_fold,
+    compare,
+    default_limit,
+    ia3_truth,
+    probes,
+)
 
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 QUANT_TYPES = ("int8", "nf4", "fp4")
@@ -64,6 +74,7 @@ class MergeOptions:
     max_error: float | None = None
     probe_tokens: int = 32
     probe_scale: float = 1.0
+    fold: bool = True
     seed: int = 0
     max_shard_size: str | int = "5GB"
     force: bool = False
@@ -108,12 +119,18 @@ class Step:
     """What happens to one module."""
 
     module: Module
-    transform: str  # exact-fold | fold-renest | requantize | multiply | dequantize | quantize | copy
+    transform: str  # exact-fold | fold-renest | requantize | multiply | dequantize | quantize | folded | copy
     reason: str = ""
-    vector: torch.Tensor | None = None
-    output_side: bool = True
+    rows: torch.Tensor | None = None  # output-side factors (the module's own, times any folded in)
+    cols: torch.Tensor | None = None  # input-side factors
+    adapted: bool = False  # the adapter names this module
+    folded_from: str | None = None  # the consumer whose input scale this module's rows carry
     out_kind: str = "same"  # same | float | int8 | 4bit
     outputs: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def scaled(self) -> bool:
+        return self.rows is not None or self.cols is not None
 
 
 def _storage_name(kind: str, info: dict[str, Any] | None, dtype: str) -> str:
@@ -187,35 +204,39 @@ def check_adapter_fits(adapter: Adapter, modules: dict[str, Module], where: Path
                                hint="the adapter is broken; retrain it or fix its values")
 
 
-def plan_step(module: Module, vector: torch.Tensor | None, output_side: bool, opts: MergeOptions,
-              quantize_set: set[str], reader: CheckpointReader) -> Step:
-    """Choose the transform for one module (``vector`` None: not adapted) and plan its output tensors."""
-    step = Step(module, "copy", vector=vector, output_side=output_side)
-    if opts.dtype:
+def plan_step(step: Step, opts: MergeOptions, quantize_set: set[str], reader: CheckpointReader) -> Step:
+    """Choose the transform for one module (its factors already set on ``step``) and plan its output tensors."""
+    module = step.module
+    if step.transform == "folded":
+        pass  # the input scale went to the producer's rows: this module is copied unchanged
+    elif opts.dtype:
         step.out_kind = "float"
         if module.kind != "float":
             step.transform, step.reason = "dequantize", f"dequantized to {opts.dtype}"
-        elif vector is not None:
+        elif step.scaled:
             step.transform, step.reason = "multiply", f"float weight, written as {opts.dtype}"
     elif opts.quantize:
         if module.path in quantize_set:
             step.out_kind = "int8" if opts.quantize == "int8" else "4bit"
             step.transform = "quantize"
-            step.reason = f"merged in float, quantized to {opts.quantize}" if vector is not None else ""
-        elif vector is not None:
+            step.reason = f"merged in float, quantized to {opts.quantize}" if step.scaled else ""
+        elif step.scaled:
             step.transform, step.reason = "multiply", "kept float (transformers does not quantize it)"
-    elif vector is not None:
-        step.transform, step.reason = _keep_storage_transform(module, output_side, opts)
+    elif step.scaled:
+        step.transform, step.reason = keep_storage_transform(module, step.cols is not None, opts)
+    if step.folded_from:
+        step.reason = f"{step.reason}; rows carry the input scale of {step.folded_from}".lstrip("; ")
     step.outputs = _plan_outputs(step, opts, reader)
     return step
 
 
-def _keep_storage_transform(module: Module, output_side: bool, opts: MergeOptions) -> tuple[str, str]:
+def keep_storage_transform(module: Module, input_scaled: bool, opts: MergeOptions) -> tuple[str, str]:
+    """The transform that keeps a module's storage: exact fold where the statistics allow, else requantize."""
     if module.kind == "float":
         return "multiply", "float weight"
     if opts.requantize:
         return "requantize", "requantization asked for (--requantize)"
-    if not output_side:
+    if input_scaled:
         return "requantize", "input side: columns cannot be folded into row statistics"
     if module.kind == "int8":
         return "exact-fold", "SCB scaled, code signs flipped"
@@ -243,7 +264,7 @@ def _plan_outputs(step: Step, opts: MergeOptions, reader: CheckpointReader) -> l
         shape = (m.in_features, m.out_features) if m.conv1d else (m.out_features, m.in_features)
         return [PlannedTensor(f"{p}.weight", dtype, shape)] + [PlannedTensor(k, dtype, (m.out_features,))
                                                                 for k in bias]
-    if step.transform == "copy":
+    if step.transform in ("copy", "folded"):
         return [_stored(reader, k) for k in m.keys]
     if step.transform == "multiply":
         return [_stored(reader, k) for k in [f"{p}.weight", *bias]]
@@ -276,14 +297,20 @@ def _plan_outputs(step: Step, opts: MergeOptions, reader: CheckpointReader) -> l
     return plans + bias_plan
 
 
-def _scaled(weight: torch.Tensor, vector: torch.Tensor | None, rows: bool, where: str) -> torch.Tensor:
-    return weight if vector is None else floating.scale(weight, vector, rows=rows, where=where)
+def _scale_both(weight: torch.Tensor, step: Step, transposed: bool = False) -> torch.Tensor:
+    """``weight`` ([out, in], or [in, out] when ``transposed``) with the step's row and column factors."""
+    where = step.module.path
+    if step.rows is not None:
+        weight = floating.scale(weight, step.rows, rows=not transposed, where=where)
+    if step.cols is not None:
+        weight = floating.scale(weight, step.cols, rows=transposed, where=where)
+    return weight
 
 
 def _scaled_bias(bias: torch.Tensor, step: Step) -> torch.Tensor:
-    if step.vector is None or not step.output_side:
+    if step.rows is None:
         return bias
-    return floating.scale(bias.reshape(-1, 1), step.vector, rows=True, where=f"{step.module.path}.bias").reshape(-1)
+    return floating.scale(bias.reshape(-1, 1), step.rows, rows=True, where=f"{step.module.path}.bias").reshape(-1)
 
 
 def _decode(module: Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -305,14 +332,12 @@ def _packed(module: Module, tensors: dict[str, torch.Tensor]) -> four_bit.Packed
 
 def transform_module(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOptions) -> dict[str, torch.Tensor]:
     """The module's output tensors (keys as planned) from its stored ``tensors``. Pure: no file access."""
-    m, p, v = step.module, step.module.path, step.vector
+    m, p = step.module, step.module.path
     out: dict[str, torch.Tensor] = {}
     bias = tensors.get(f"{p}.bias")
     if step.out_kind == "float":
-        weight = _decode(m, tensors)
+        weight = _scale_both(_decode(m, tensors), step)
         dtype = FLOAT_DTYPES[opts.dtype]
-        if v is not None:
-            weight = floating.scale(weight, v, rows=step.output_side, where=p)
         out[f"{p}.weight"] = _cast(weight.t() if m.conv1d else weight, dtype, f"{p}.weight")
         if bias is not None:
             out[f"{p}.bias"] = _cast(_scaled_bias(bias.float(), step), dtype, f"{p}.bias")
@@ -320,13 +345,11 @@ def transform_module(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOp
     if bias is not None:
         out[f"{p}.bias"] = _scaled_bias(bias, step)
     if step.transform == "multiply":
-        rows = step.output_side != m.transposed
-        out[f"{p}.weight"] = _scaled(tensors[f"{p}.weight"], v, rows, p)
+        out[f"{p}.weight"] = _scale_both(tensors[f"{p}.weight"], step, transposed=m.transposed)
         return out
     if step.transform == "quantize":
         stored = tensors[f"{p}.weight"]
-        weight = stored.t() if m.transposed else stored
-        weight = _scaled(weight.contiguous(), v, step.output_side, p)
+        weight = _scale_both((stored.t() if m.transposed else stored).contiguous(), step)
         if opts.quantize == "int8":
             codes, scb = int8.encode(weight)
             out.update({f"{p}.weight": codes, f"{p}.SCB": scb,
@@ -335,25 +358,24 @@ def transform_module(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOp
             packed = four_bit.encode(weight, opts.quantize, 64, opts.double_quant, dtype=weight.dtype)
             out.update(packed.tensors(f"{p}.weight"))
         return out
-    assert v is not None
     if m.kind == "int8":
         codes, scb = tensors[f"{p}.weight"], tensors[f"{p}.SCB"]
         if step.transform == "exact-fold":
-            codes, scb = int8.fold_rows(codes, scb, v)
+            codes, scb = int8.fold_rows(codes, scb, step.rows)
         else:
-            codes, scb = int8.encode(floating.scale(int8.decode(codes, scb), v, rows=step.output_side, where=p))
+            codes, scb = int8.encode(_scale_both(int8.decode(codes, scb), step))
         out.update({f"{p}.weight": codes, f"{p}.SCB": scb})
         if f"{p}.weight_format" in tensors:
             out[f"{p}.weight_format"] = tensors[f"{p}.weight_format"]
         return out
     packed = _packed(m, tensors)
     if step.transform in ("exact-fold", "fold-renest"):
-        merged = four_bit.fold_rows(packed, v)
+        merged = four_bit.fold_rows(packed, step.rows)
         if step.transform == "fold-renest":
             merged = four_bit.renest(merged)
     else:
         info = packed.info
-        weight = floating.scale(four_bit.decode(packed), v, rows=step.output_side, where=p)
+        weight = _scale_both(four_bit.decode(packed), step)
         merged = four_bit.encode(weight, info["quant_type"], int(info["blocksize"]), packed.nested,
                                  dtype=getattr(torch, info["dtype"]))
     out.update(merged.tensors(f"{p}.weight"))
@@ -368,17 +390,12 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
     return result
 
 
-_WRAPPERS = {"float": Linear, "int8": Linear8bitLt, "4bit": Linear4bit}
-
-
 def check_module(step: Step, tensors: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
                  opts: MergeOptions, threshold: float) -> tuple[float, float]:
     """Relative and max-abs error of the merged layer against the IA3-wrapped original on probe inputs."""
     m, p = step.module, step.module.path
-    truth = _WRAPPERS[m.kind](build_layer(m.kind, tensors, p, m.in_features, m.out_features, m.transposed, threshold),
-                              "merge", is_feedforward=not step.output_side)
-    with torch.no_grad():
-        truth.ia3_l["merge"].copy_(step.vector.float().reshape(truth.vector_shape))
+    original = build_layer(m.kind, tensors, p, m.in_features, m.out_features, m.transposed, threshold)
+    truth = ia3_truth(original, m.kind, step.rows, step.cols)
     out_kind = m.kind if step.out_kind == "same" else step.out_kind
     # A float output keeps Conv1D's [in, out] orientation (transformers loads it into a Conv1D again).
     candidate = build_layer(out_kind, outputs, p, m.in_features, m.out_features, out_kind == "float" and m.conv1d,
@@ -393,9 +410,14 @@ def _inside(child: Path, parent: Path) -> bool:
 
 def prepare_output(out: Path, inputs: list[Path], force: bool) -> Path:
     """Check OUT against the inputs and make an empty temporary sibling to build it in."""
-    resolved = out.resolve()
+    try:
+        resolved = out.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
+        raise OutputError(f"{out}: is a symbolic link loop", hint="remove the link or choose another path") from None
     for source in inputs:
         src = source.resolve()
+        if resolved == src:
+            raise OutputError(f"{out}: is the input {source} itself", hint="write the output somewhere else")
         if _inside(resolved, src):
             raise OutputError(f"{out}: is inside the input {source}", hint="write the output somewhere else")
         if _inside(src, resolved):
@@ -406,6 +428,9 @@ def prepare_output(out: Path, inputs: list[Path], force: bool) -> Path:
         if not out.is_dir():
             raise OutputError(f"{out}: exists and is not a directory", hint="remove it or choose another path")
     parent = resolved.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"{out}: its parent {parent} is a file, not a directory",
+                          hint="choose an output path inside a writable directory")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{resolved.name}.", suffix=".ia3convert-tmp", dir=parent))
@@ -471,16 +496,68 @@ class Merger:
         quantize_set = modules_to_quantize(skeleton, _bnb_config(opts)) if opts.quantize else set()
         qc = self.reader.quantization_config or {}
         self.threshold = float(qc.get("llm_int8_threshold", 6.0))
+        self.config = skeleton.config
+        steps = {path: Step(module, "copy") for path, module in self.modules.items()}
+        for path, vector in adapter.vectors.items():
+            flat = vector.detach().float().reshape(-1)
+            steps[path].adapted = True
+            if adapter.is_feedforward(path):
+                steps[path].cols = flat
+            else:
+                steps[path].rows = flat
+        # The adapter's own factors: the ground truth of every check, whatever the folds move around.
+        self.truth_factors = {p: (st.rows, st.cols) for p, st in steps.items() if st.adapted}
+        self.folds, no_fold = self._plan_folds(steps)
         self.steps: dict[str, Step] = {}
-        for path, module in self.modules.items():
-            vector = adapter.vectors.get(path)
-            output_side = vector is None or not adapter.is_feedforward(path)
-            flat = None if vector is None else vector.detach().float().reshape(-1)
-            step = plan_step(module, flat, output_side, opts, quantize_set, self.reader)
-            if step.transform != "copy" or step.out_kind == "float":
+        self.entries: dict[str, ModuleReport] = {}
+        for path, step in steps.items():
+            plan_step(step, opts, quantize_set, self.reader)
+            if path in no_fold:
+                step.reason = f"{step.reason}; not folded: {no_fold[path]}"
+            if step.transform not in ("copy", "folded") or step.out_kind == "float":
                 self.steps[path] = step
+            if step.adapted or step.folded_from:
+                self.entries[path] = ModuleReport(
+                    module=path, storage=step.module.storage, scales=self._scales(step), transform=step.transform,
+                    reason=step.reason, out_storage=self._out_storage(step))
         self.owner = {k: path for path, step in self.steps.items() for k in step.module.keys}
         self.plan = self._plan()
+
+    @staticmethod
+    def _scales(step: Step) -> str:
+        if not step.adapted:
+            return "-"
+        return "input" if step.cols is not None or step.transform == "folded" else "output"
+
+    def _plan_folds(self, steps: dict[str, Step]) -> tuple[dict[str, Fold], dict[str, str]]:
+        """Move input-side scales of quantized modules onto their producers' rows where that is exact."""
+        opts = self.opts
+        if not opts.fold or opts.dtype or opts.quantize or opts.requantize:
+            return {}, {}
+        model_type = getattr(self.config, "model_type", None)
+        out_features = {p: m.out_features for p, m in self.modules.items()}
+        folds, notes = {}, {}
+        for path, step in steps.items():
+            if step.cols is None or step.module.kind == "float":
+                continue
+            fold = find_fold(model_type, self.config, path, step.cols, out_features)
+            if isinstance(fold, str):
+                if fold:
+                    notes[path] = fold
+                continue
+            producer = steps[fold.producer]
+            pm = producer.module
+            rows_exact = pm.kind != "4bit" or pm.in_features % int(pm.info["blocksize"]) == 0
+            if producer.cols is None and not rows_exact:
+                notes[path] = f"producer {fold.producer} could not take it exactly (its 4-bit blocks straddle rows)"
+                continue
+            rows = producer.rows.clone() if producer.rows is not None else torch.ones(pm.out_features)
+            rows[fold.rows[0]:fold.rows[1]] *= fold.vector
+            producer.rows, producer.folded_from = rows, path
+            step.cols, step.transform = None, "folded"
+            step.reason = f"input scale folded into rows of {fold.producer} ({fold.kind})"
+            folds[path] = fold
+        return folds, notes
 
     def _plan(self) -> list[PlannedTensor]:
         plan, seen = [], set()
@@ -507,13 +584,51 @@ class Merger:
                     self._copy(writer, key)
                 elif owner not in seen:
                     seen.add(owner)
-                    self._merge_module(writer, self.steps[owner], report)
+                    self._merge_module(writer, self.steps[owner])
                 if progress is not None:
                     progress(done, total)
             report.files = writer.close()
         except BaseException:
             writer.abort()
             raise
+        if self.opts.check and self.folds:
+            merged = CheckpointReader(tmp)
+            for consumer, fold in self.folds.items():
+                entry = self.entries[consumer]
+                producer = self.entries[fold.producer]
+                truth_layers = self._layers(self.reader, fold, truth=True)
+                merged_layers = self._layers(merged, fold, truth=False)
+                if fold.gate is not None and fold.gate not in self.steps:  # an untouched gate: run it once
+                    merged_layers["gate"] = truth_layers["gate"]
+                errors = check_fold(fold, truth_layers, merged_layers, self.modules[fold.producer].in_features,
+                                    self.opts)
+                limit = self._limit(producer.transform, producer.out_storage)
+                for item in (entry, producer):
+                    item.rel_error, item.max_abs_error = errors
+                    item.limit = limit if item.limit is None else min(item.limit, limit)
+        report.modules = [self.entries[p] for p in sorted(self.entries)]
+
+    def _layers(self, reader: CheckpointReader, fold: Fold, truth: bool) -> dict[str, torch.nn.Module]:
+        """The fold's modules (consumer, producer, gate) as layers over ``reader``'s tensors; with ``truth``,
+        wrapped with the adapter's own IA3 factors (the unmerged computation)."""
+        layers = {}
+        for role, path in (("consumer", fold.consumer), ("producer", fold.producer), ("gate", fold.gate)):
+            if path is None:
+                continue
+            module = self.modules[path]
+            kind = module.kind  # folds happen only when the output keeps the base's storage
+            keys = [k for k in reader.tensors if k == f"{path}.weight" or k.startswith(f"{path}.")]
+            tensors = {k: reader.get(k) for k in keys}
+            layer = build_layer(kind, tensors, path, module.in_features, module.out_features, module.transposed,
+                                self.threshold)
+            if truth:
+                rows, cols = self.truth_factors.get(path, (None, None))
+                layer = ia3_truth(layer, kind, rows, cols)
+            layers[role] = layer
+        return layers
+
+    def _limit(self, transform: str, storage: str) -> float:
+        return self.opts.max_error if self.opts.max_error is not None else default_limit(transform, storage)
 
     def _copy(self, writer: StreamingWriter, key: str) -> None:
         info = self.reader.tensors[key]
@@ -523,23 +638,21 @@ class Merger:
         else:
             writer.copy(key, info)
 
-    def _merge_module(self, writer: StreamingWriter, step: Step, report: MergeReport) -> None:
+    def _merge_module(self, writer: StreamingWriter, step: Step) -> None:
         m = step.module
         tensors = {k: self.reader.get(k) for k in m.keys}
         outputs = transform_module(step, tensors, self.opts)
-        if step.vector is not None:
-            out_storage = self._out_storage(step)
-            entry = ModuleReport(module=m.path, storage=m.storage, scales="output" if step.output_side else "input",
-                                 transform=step.transform, reason=step.reason, out_storage=out_storage)
-            if self.opts.check:
-                entry.rel_error, entry.max_abs_error = check_module(step, tensors, outputs, self.opts, self.threshold)
-                entry.limit = self.opts.max_error if self.opts.max_error is not None \
-                    else default_limit(step.transform, out_storage)
-            report.modules.append(entry)
+        entry = self.entries.get(m.path)
+        # A producer carrying a fold is checked with its consumer, end to end (see run).
+        if entry is not None and self.opts.check and not step.folded_from:
+            entry.rel_error, entry.max_abs_error = check_module(step, tensors, outputs, self.opts, self.threshold)
+            entry.limit = self._limit(step.transform, entry.out_storage)
         for planned in step.outputs:
             writer.write(planned.key, outputs[planned.key])
 
     def _out_storage(self, step: Step) -> str:
+        if step.transform == "folded":
+            return step.module.storage
         if step.out_kind == "float":
             return self.opts.dtype or "float"
         if step.transform == "quantize":
@@ -553,15 +666,18 @@ class Merger:
 def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, adapter_name: str | None = None,
           quantize: str | None = None, double_quant: bool = False, dtype: str | None = None, renest: bool = False,
           requantize: bool = False, check: bool = True, max_error: float | None = None, probe_tokens: int = 32,
-          probe_scale: float = 1.0, seed: int = 0, max_shard_size: str | int = "5GB", force: bool = False,
-          progress: Callable[[int, int], None] | None = None) -> MergeReport:
+          probe_scale: float = 1.0, seed: int = 0, fold: bool = True, max_shard_size: str | int = "5GB",
+          force: bool = False, progress: Callable[[int, int], None] | None = None) -> MergeReport:
     """Merge an IA3 adapter into a base checkpoint and write a self-contained model to ``out``.
 
     ``base`` and ``adapter`` are local directories or Hub repo ids. By default the output keeps the base's
     storage (int8, nf4/fp4, float); ``quantize`` ("int8", "nf4", "fp4", with ``double_quant``) quantizes a
     float base on the way out, exactly as transformers would on load; ``dtype`` ("float16", "bfloat16",
     "float32") writes a dequantized float model instead. ``renest`` keeps nested 4-bit layers nested after an
-    exact fold (small error); ``requantize`` forces dequantize-scale-requantize everywhere.
+    exact fold (small error); ``requantize`` forces dequantize-scale-requantize everywhere. ``fold`` (on by
+    default) moves an input-side scale onto the rows of the layer producing that input where that is exact
+    (gated MLPs, attention V, ReLU MLPs with non-negative scales; see ``folds``), so that it folds into the
+    statistics instead of being requantized.
 
     Every merged module is checked against the IA3-wrapped original layer on ``probe_tokens`` seeded inputs;
     an error above ``max_error`` (default: per transform kind) raises ``MergeCheckError`` and writes nothing.
@@ -573,7 +689,7 @@ def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, a
     started = time.perf_counter()
     opts = MergeOptions(adapter_name=adapter_name, quantize=quantize, double_quant=double_quant, dtype=dtype,
                         renest=renest, requantize=requantize, check=check, max_error=max_error,
-                        probe_tokens=probe_tokens, probe_scale=probe_scale, seed=seed,
+                        probe_tokens=probe_tokens, probe_scale=probe_scale, seed=seed, fold=fold,
                         max_shard_size=max_shard_size, force=force)
     opts.validate()
     parse_size(max_shard_size)
@@ -587,18 +703,20 @@ def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, a
                          adapter_name=loaded.name, out=str(out), checked=check,
                          options={k: v for k, v in vars(opts).items() if k != "force"})
     try:
-        merger.run(tmp, report, progress)
-        if not report.passed:
-            raise MergeCheckError(report)
         config = _output_config(merger.reader, opts)
         if config is None:
             copy_file(base_dir / "config.json", tmp / "config.json")
         else:
-            (tmp / "config.json").write_bytes(config)
+            with writing(tmp / "config.json"):
+                (tmp / "config.json").write_bytes(config)
         for extra in merger.reader.other_files():
             copy_file(extra, tmp / extra.name)
+        merger.run(tmp, report, progress)
+        if not report.passed:
+            raise MergeCheckError(report)
         report.seconds = round(time.perf_counter() - started, 3)
-        (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        with writing(tmp / REPORT_NAME):
+            (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,7 @@ the same way (eval mode, float32 compute) and run on the same seeded probe input
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -94,19 +95,19 @@ class MergeReport:
         return kinds
 
     def table(self) -> str:
-        """A compact, aligned text table (one line per module)."""
+        """A compact, aligned text table (one line per module, with the reason for its transform)."""
         if not self.modules:
             return "no module merged"
         width = max(len(m.module) for m in self.modules)
-        lines = [f"{'module':<{width}}  {'storage':<8} {'scales':<6} {'transform':<10} {'rel error':>10} "
-                 f"{'max abs':>10} {'limit':>8}"]
+        lines = [f"{'module':<{width}}  {'storage':<8} {'scales':<6} {'transform':<11} {'rel error':>10} "
+                 f"{'max abs':>10} {'limit':>8}  why"]
         for m in self.modules:
             rel = "-" if m.rel_error is None else f"{m.rel_error:.2e}"
             mx = "-" if m.max_abs_error is None else f"{m.max_abs_error:.2e}"
             lim = "-" if m.limit is None else f"{m.limit:.0e}"
-            flag = "" if m.ok else "  FAIL"
-            lines.append(f"{m.module:<{width}}  {m.storage:<8} {m.scales:<6} {m.transform:<10} {rel:>10} "
-                         f"{mx:>10} {lim:>8}{flag}")
+            flag = "FAIL " if not m.ok else ""
+            lines.append(f"{m.module:<{width}}  {m.storage:<8} {m.scales:<6} {m.transform:<11} {rel:>10} "
+                         f"{mx:>10} {lim:>8}  {flag}{m.reason}")
         return "\n".join(lines)
 
 
@@ -146,13 +147,43 @@ def build_layer(kind: str, tensors: dict[str, torch.Tensor], prefix: str, in_fea
     return layer.eval()
 
 
+class _RowScaled(nn.Module):
+    """An input-scaled IA3 layer whose output is also scaled: a producer that carries a folded scale."""
+
+    def __init__(self, inner: nn.Module, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.inner, self.rows = inner, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        return (y * self.rows).to(y.dtype)
+
+
+def ia3_truth(layer: nn.Module, kind: str, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
+    """The ground truth: ``layer`` (built from the original tensors) in the IA3 wrapper for its kind, scaling its
+    output by ``rows`` and/or its input by ``cols`` exactly as PEFT's forward does."""
+    from .layers import Linear, Linear4bit, Linear8bitLt
+
+    wrapper = {"float": Linear, "int8": Linear8bitLt, "4bit": Linear4bit}[kind]
+    side = cols if cols is not None else rows
+    if side is None:
+        return layer
+    truth = wrapper(layer, "truth", is_feedforward=cols is not None)
+    with torch.no_grad():
+        truth.ia3_l["truth"].copy_(side.float().reshape(truth.vector_shape))
+    if cols is not None and rows is not None:
+        return _RowScaled(truth, rows.float())
+    return truth
+
+
 def probes(path: str, in_features: int, tokens: int, scale: float, seed: int) -> torch.Tensor:
     """Seeded normal inputs for one module (the seed mixes in the module path, so modules differ)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
     return torch.randn(tokens, in_features, generator=generator) * scale
 
 
-def compare(truth: nn.Module, candidate: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+def compare(truth: Callable[[torch.Tensor], torch.Tensor], candidate: Callable[[torch.Tensor], torch.Tensor],
+            x: torch.Tensor) -> tuple[float, float]:
     """(relative Frobenius error, max absolute error) of candidate(x) against truth(x)."""
     with torch.no_grad():
         expected = truth(x).double()
@@ -164,3 +195,51 @@ def compare(truth: nn.Module, candidate: nn.Module, x: torch.Tensor) -> tuple[fl
         return float("inf"), float("inf")
     rel = diff.norm().item() / norm if norm > 0 else max_abs
     return rel, max_abs
+
+
+def _mix_heads(values: torch.Tensor, heads: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """Attention's use of V, per query head: seeded row-stochastic token mixing of that head's KV-head slice."""
+    num_heads, kv_heads, head_dim = heads
+    tokens = values.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    group = num_heads // kv_heads
+    outputs = []
+    for head in range(num_heads):
+        kv = head // group
+        probs = torch.softmax(torch.randn(tokens, tokens, generator=generator), dim=-1).to(values.dtype)
+        outputs.append(probs @ values[:, kv * head_dim:(kv + 1) * head_dim])
+    return torch.cat(outputs, dim=-1)
+
+
+def fold_path(fold, layers: dict[str, nn.Module], x: torch.Tensor, seed: int,
+              gate_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The consumer's input path for a fold: producer (and gate), the activation or product or attention mixing
+    in between, then the consumer. ``gate_out`` is the gate's output when already computed (it does not change)."""
+    from transformers.activations import ACT2FN
+
+    produced = layers["producer"](x)
+    if fold.kind == "attention":
+        start, stop = fold.rows
+        middle = _mix_heads(produced[:, start:stop], fold.heads, seed)
+    elif fold.kind == "activation":
+        middle = ACT2FN[fold.activation](produced)
+    else:
+        act = ACT2FN[fold.activation or "silu"]
+        if fold.part == "second-half":
+            gate, up = produced.chunk(2, dim=-1)
+        else:
+            gate, up = (layers["gate"](x) if gate_out is None else gate_out), produced
+        middle = act(gate) * up
+    return layers["consumer"](middle)
+
+
+def check_fold(fold, truth: dict[str, nn.Module], merged: dict[str, nn.Module], in_features: int,
+               opts) -> tuple[float, float]:
+    """(relative, max-abs) error of the merged path against the IA3-wrapped original path on the same probes."""
+    x = probes(fold.consumer, in_features, opts.probe_tokens, opts.probe_scale, opts.seed)
+    gate_out = None
+    if "gate" in truth and "gate" in merged and truth["gate"] is merged["gate"]:
+        with torch.no_grad():
+            gate_out = truth["gate"](x)
+    return compare(lambda v: fold_path(fold, truth, v, opts.seed, gate_out),
+                   lambda v: fold_path(fold, merged, v, opts.seed, gate_out), x)
