@@ -73,7 +73,7 @@ def build_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, Path, Path
     return fbase, qbase, adapter
 
 
-def make_adapter(fbase: Path, out: Path) -> None:
+def make_adapter(fbase: Path, out: Path, seed: int = 1) -> None:
     """A PEFT-default llama adapter (k, v scaled on the output side, down_proj on the input side)."""
     import torch
 
@@ -82,7 +82,7 @@ def make_adapter(fbase: Path, out: Path) -> None:
     config = json.loads((fbase / "config.json").read_text())
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     kv = config["num_key_value_heads"] * (hidden // config["num_attention_heads"])
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     vectors = {}
     for layer in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{layer}"

@@ -102,7 +102,7 @@ class CheckpointReader:
     """A base model directory: its config and its tensors, read one at a time.
 
     Accepts ``model.safetensors``, or shards listed in ``model.safetensors.index.json``. ``bytes_read``
-    counts the tensor bytes read so far by ``get`` and ``raw`` (headers and configs are not counted).
+    counts the tensor bytes read so far by ``get``, ``raw`` and ``copy_to`` (headers and configs are not counted).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -174,6 +174,12 @@ class CheckpointReader:
                                       hint="the file changed or is truncated")
         self.bytes_read += info.nbytes
         return torch.frombuffer(buffer, dtype=info.torch_dtype).reshape(info.shape)
+
+    def copy_to(self, writers: list[StreamingWriter], key: str) -> None:
+        """Copy a stored tensor, unchanged, into every writer from one read (counted in ``bytes_read``)."""
+        info = self.tensors[key]
+        copy_tensor(writers, key, info)
+        self.bytes_read += info.nbytes
 
     def raw(self, key: str) -> bytes:
         """The tensor's bytes exactly as stored."""
@@ -309,26 +315,13 @@ class StreamingWriter:
             with writing(out_dir / s.name):
                 self._files[s.name] = open(out_dir / s.name, "r+b")  # noqa: SIM115
 
-    def copy(self, key: str, source: TensorInfo, chunk: int = 16 * 1024 * 1024) -> None:
-        """Write a planned tensor by copying its stored bytes from ``source`` in blocks (never whole)."""
+    def _slot(self, key: str, nbytes: int) -> tuple[Any, Path, int]:
+        """(open file, its path, absolute offset) where the planned fixed-size tensor ``key`` goes."""
         planned = self.plan.get(key)
-        if planned is None or key in self._written or planned.deferred or planned.nbytes != source.nbytes:
+        if planned is None or key in self._written or planned.deferred or planned.nbytes != nbytes:
             raise ValueError(f"{key}: cannot be copied as planned")
         shard = self.where[key]
-        f = self._files[shard.name]
-        f.seek(8 + shard.header_room + shard.offsets[key])
-        with open(source.file, "rb") as src:
-            src.seek(source.start)
-            left = source.nbytes
-            while left:
-                block = src.read(min(chunk, left))
-                if not block:
-                    raise CheckpointError(f"{source.file}: ended early while copying {key}",
-                                          hint="the file changed or is truncated")
-                with writing(self.out_dir / shard.name):
-                    f.write(block)
-                left -= len(block)
-        self._written.add(key)
+        return self._files[shard.name], self.out_dir / shard.name, 8 + shard.header_room + shard.offsets[key]
 
     def write(self, key: str, data: torch.Tensor | bytes) -> None:
         """Write one planned tensor (or its raw bytes) at its place."""
@@ -397,6 +390,27 @@ class StreamingWriter:
         for f in self._files.values():
             with suppress(OSError):
                 f.close()
+
+
+def copy_tensor(writers: list[StreamingWriter], key: str, source: TensorInfo, chunk: int = 16 * 1024 * 1024) -> None:
+    """Copy a stored tensor's bytes into several writers at once: each block is read once and written to all
+    (a batch writes every adapter's output from one read of the base)."""
+    slots = [w._slot(key, source.nbytes) for w in writers]
+    with open(source.file, "rb") as src:
+        src.seek(source.start)
+        done = 0
+        while done < source.nbytes:
+            block = src.read(min(chunk, source.nbytes - done))
+            if not block:
+                raise CheckpointError(f"{source.file}: ended early while copying {key}",
+                                      hint="the file changed or is truncated")
+            for f, path, offset in slots:
+                with writing(path):
+                    f.seek(offset + done)
+                    f.write(block)
+            done += len(block)
+    for w in writers:
+        w._written.add(key)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:

@@ -15,6 +15,8 @@ import click
 from . import __version__
 from .errors import IA3ConvertError
 
+BATCH_FAILED = 9  # exit code of a batch in which some job failed
+
 
 class _Group(click.Group):
     """Runs commands so that our errors become one line and an exit code, not a traceback."""
@@ -285,6 +287,40 @@ def resave(adapter: str, out: str, dtype: str | None, adapter_name: str, select:
         click.echo(f"warning: {message}", err=True)
     cast = f" as {result.dtype}" if result.dtype else ""
     click.echo(f"wrote {result.modules} vectors of {result.source}{cast} to {result.folder}")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=str))
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run groups (one per base) in this many processes.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Skip merges whose recorded inputs and options are unchanged.")
+@click.option("--stop-on-error", is_flag=True, help="Cancel the jobs not yet started after the first failure.")
+@click.option("--quiet", is_flag=True, help="No progress lines and no table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the batch report as JSON.")
+def batch(manifest: str, workers: int, resume: bool, stop_on_error: bool, quiet: bool, as_json: bool) -> None:
+    """Run the jobs of MANIFEST (YAML or JSON): merges, validations and re-saves; merges into the same base
+    share one pass over it. Exits 9 when some job failed (each failure is listed with its one-line error)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .batch import load_manifest, run_batch
+
+    _quiet_libraries()
+    jobs = load_manifest(manifest)
+    options = dict(on_error="stop" if stop_on_error else "continue", resume=resume, progress=not (quiet or as_json))
+    if workers > 1:
+        # "spawn", not fork: a forked child of a process that has run torch's thread pools can deadlock.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            report = run_batch(jobs, executor=pool, **options)
+    else:
+        report = run_batch(jobs, **options)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(report.table())
+    if not report.ok:
+        sys.exit(BATCH_FAILED)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,7 +40,7 @@ from .checkpoint import (
     writing,
 )
 from .codecs import floating, four_bit, int8
-from .errors import AdapterError, CheckpointError, MergeCheckError, OutputError, TargetError
+from .errors import AdapterError, CheckpointError, IA3ConvertError, MergeCheckError, OutputError, TargetError
 from .folds import Fold, find_fold
 from .skeleton import build_skeleton, linear_modules, modules_to_quantize
 from .verify import (
@@ -330,15 +330,23 @@ def _packed(module: Module, tensors: dict[str, torch.Tensor]) -> four_bit.Packed
     return four_bit.Packed4bit(tensors[f"{module.path}.weight"], stats)
 
 
-def transform_module(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOptions) -> dict[str, torch.Tensor]:
-    """The module's output tensors (keys as planned) from its stored ``tensors``. Pure: no file access."""
+def transform_module(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOptions,
+                     weight: Callable[[], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The module's output tensors (keys as planned) from its stored ``tensors``. Pure: no file access.
+
+    ``weight`` returns the decoded float32 weight ([out, in]); a batch passes one that decodes once and serves
+    every adapter merged into the same base.
+    """
     m, p = step.module, step.module.path
+    if weight is None:
+        def weight() -> torch.Tensor:
+            return _decode(m, tensors)
     out: dict[str, torch.Tensor] = {}
     bias = tensors.get(f"{p}.bias")
     if step.out_kind == "float":
-        weight = _scale_both(_decode(m, tensors), step)
+        scaled = _scale_both(weight(), step)
         dtype = FLOAT_DTYPES[opts.dtype]
-        out[f"{p}.weight"] = _cast(weight.t() if m.conv1d else weight, dtype, f"{p}.weight")
+        out[f"{p}.weight"] = _cast(scaled.t() if m.conv1d else scaled, dtype, f"{p}.weight")
         if bias is not None:
             out[f"{p}.bias"] = _cast(_scaled_bias(bias.float(), step), dtype, f"{p}.bias")
         return out
@@ -349,13 +357,13 @@ def transform_module(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOp
         return out
     if step.transform == "quantize":
         stored = tensors[f"{p}.weight"]
-        weight = _scale_both((stored.t() if m.transposed else stored).contiguous(), step)
+        merged_weight = _scale_both((stored.t() if m.transposed else stored).contiguous(), step)
         if opts.quantize == "int8":
-            codes, scb = int8.encode(weight)
+            codes, scb = int8.encode(merged_weight)
             out.update({f"{p}.weight": codes, f"{p}.SCB": scb,
                         f"{p}.weight_format": torch.tensor(0, dtype=torch.uint8)})
         else:
-            packed = four_bit.encode(weight, opts.quantize, 64, opts.double_quant, dtype=weight.dtype)
+            packed = four_bit.encode(merged_weight, opts.quantize, 64, opts.double_quant, dtype=stored.dtype)
             out.update(packed.tensors(f"{p}.weight"))
         return out
     if m.kind == "int8":
@@ -363,7 +371,7 @@ def transform_module(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOp
         if step.transform == "exact-fold":
             codes, scb = int8.fold_rows(codes, scb, step.rows)
         else:
-            codes, scb = int8.encode(_scale_both(int8.decode(codes, scb), step))
+            codes, scb = int8.encode(_scale_both(weight(), step))
         out.update({f"{p}.weight": codes, f"{p}.SCB": scb})
         if f"{p}.weight_format" in tensors:
             out[f"{p}.weight_format"] = tensors[f"{p}.weight_format"]
@@ -375,9 +383,8 @@ def transform_module(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOp
             merged = four_bit.renest(merged)
     else:
         info = packed.info
-        weight = _scale_both(four_bit.decode(packed), step)
-        merged = four_bit.encode(weight, info["quant_type"], int(info["blocksize"]), packed.nested,
-                                 dtype=getattr(torch, info["dtype"]))
+        merged = four_bit.encode(_scale_both(weight(), step), info["quant_type"], int(info["blocksize"]),
+                                 packed.nested, dtype=getattr(torch, info["dtype"]))
     out.update(merged.tensors(f"{p}.weight"))
     return out
 
@@ -479,24 +486,61 @@ def _bnb_config(opts: MergeOptions):
                               bnb_4bit_use_double_quant=opts.double_quant)
 
 
-class Merger:
-    """One merge: plan from headers and the model skeleton, then stream, transform, check and write."""
+@dataclass
+class Base:
+    """A base checkpoint opened once (reader, its Linear modules and their storage, the model config): shared by
+    every merge of one pass."""
 
-    def __init__(self, base: Path, adapter: Adapter, opts: MergeOptions) -> None:
+    path: Path
+    reader: CheckpointReader
+    modules: dict[str, Module]
+    config: Any
+
+    @classmethod
+    def open(cls, path: Path) -> Base:
+        reader = CheckpointReader(path)
+        check_base_storage(reader)
+        skeleton = build_skeleton(path)
+        return cls(path, reader, find_modules(reader, linear_modules(skeleton)), skeleton.config)
+
+    def quantize_set(self, opts: MergeOptions) -> set[str]:
+        """The modules transformers would quantize with ``opts.quantize`` (a fresh skeleton: the look-up
+        replaces its layers)."""
+        return modules_to_quantize(build_skeleton(self.path), _bnb_config(opts)) if opts.quantize else set()
+
+
+class ModuleData:
+    """One module's stored tensors, read once, and its float32 weight, decoded at most once, for every merge of
+    a pass. ``decodes`` counts the decodings (a batch test holds it to one)."""
+
+    def __init__(self, module: Module, reader: CheckpointReader) -> None:
+        self.module = module
+        self.tensors = {k: reader.get(k) for k in module.keys}
+        self._weight: torch.Tensor | None = None
+        self.decodes = 0
+
+    def weight(self) -> torch.Tensor:
+        if self._weight is None:
+            self._weight = _decode(self.module, self.tensors)
+            self.decodes += 1
+        return self._weight
+
+
+class Merger:
+    """One adapter into one base: the plan (from headers and the model skeleton), then its share of a pass."""
+
+    def __init__(self, base: Base, adapter: Adapter, opts: MergeOptions) -> None:
         self.base, self.adapter, self.opts = base, adapter, opts
-        self.reader = CheckpointReader(base)
-        check_base_storage(self.reader)
+        self.reader = base.reader
         if opts.quantize and self.reader.quantization_config:
-            raise OutputError(f"--quantize {opts.quantize}: the base {base} is already quantized",
+            raise OutputError(f"--quantize {opts.quantize}: the base {base.path} is already quantized",
                               hint="merge it as it is (no --quantize), or write floats with --dtype")
-        skeleton = build_skeleton(base)
-        linear = linear_modules(skeleton)
-        self.modules = find_modules(self.reader, linear)
-        check_adapter_fits(adapter, self.modules, base)
-        quantize_set = modules_to_quantize(skeleton, _bnb_config(opts)) if opts.quantize else set()
+        self.modules = base.modules
+        check_adapter_fits(adapter, self.modules, base.path)
+        quantize_set = base.quantize_set(opts)
         qc = self.reader.quantization_config or {}
         self.threshold = float(qc.get("llm_int8_threshold", 6.0))
-        self.config = skeleton.config
+        self.config = base.config
         steps = {path: Step(module, "copy") for path, module in self.modules.items()}
         for path, vector in adapter.vectors.items():
             flat = vector.detach().float().reshape(-1)
@@ -522,13 +566,14 @@ class Merger:
                     reason=step.reason, out_storage=self._out_storage(step))
         self.owner = {k: path for path, step in self.steps.items() for k in step.module.keys}
         self.plan = self._plan()
+        self.writer: StreamingWriter | None = None
+        self.done: set[str] = set()
 
     @staticmethod
     def _scales(step: Step) -> str:
         if not step.adapted:
             return "-"
         return "input" if step.cols is not None or step.transform == "folded" else "output"
-
     def _plan_folds(self, steps: dict[str, Step]) -> tuple[dict[str, Fold], dict[str, str]]:
         """Move input-side scales of quantized modules onto their producers' rows where that is exact."""
         opts = self.opts
@@ -574,23 +619,20 @@ class Merger:
                 plan.extend(self.steps[owner].outputs)
         return plan
 
-    def run(self, tmp: Path, report: MergeReport, progress: Callable[[int, int], None] | None) -> None:
-        writer = StreamingWriter(tmp, self.plan, parse_size(self.opts.max_shard_size))
-        try:
-            total, seen = len(self.reader.tensors), set()
-            for done, key in enumerate(self.reader.tensors, start=1):
-                owner = self.owner.get(key)
-                if owner is None:
-                    self._copy(writer, key)
-                elif owner not in seen:
-                    seen.add(owner)
-                    self._merge_module(writer, self.steps[owner])
-                if progress is not None:
-                    progress(done, total)
-            report.files = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+    def start(self, tmp: Path) -> None:
+        """Open this merge's output files in ``tmp``."""
+        self.writer = StreamingWriter(tmp, self.plan, parse_size(self.opts.max_shard_size))
+
+    def needs_own_copy(self, key: str) -> bool:
+        """True when an untouched tensor is not copied byte for byte (it is cast to --dtype)."""
+        info = self.reader.tensors[key]
+        return bool(self.opts.dtype) and info.torch_dtype.is_floating_point \
+            and info.torch_dtype != FLOAT_DTYPES[self.opts.dtype]
+
+    def finish(self, tmp: Path, report: MergeReport) -> None:
+        """Close the files, check the folded paths over the written output, fill the report."""
+        assert self.writer is not None
+        report.files = self.writer.close()
         if self.opts.check and self.folds:
             merged = CheckpointReader(tmp)
             for consumer, fold in self.folds.items():
@@ -630,25 +672,23 @@ class Merger:
     def _limit(self, transform: str, storage: str) -> float:
         return self.opts.max_error if self.opts.max_error is not None else default_limit(transform, storage)
 
-    def _copy(self, writer: StreamingWriter, key: str) -> None:
-        info = self.reader.tensors[key]
-        if self.opts.dtype and info.torch_dtype.is_floating_point \
-                and info.torch_dtype != FLOAT_DTYPES[self.opts.dtype]:
-            writer.write(key, _cast(self.reader.get(key), FLOAT_DTYPES[self.opts.dtype], key))
-        else:
-            writer.copy(key, info)
+    def cast_copy(self, key: str) -> None:
+        assert self.writer is not None
+        self.writer.write(key, _cast(self.reader.get(key), FLOAT_DTYPES[self.opts.dtype], key))
 
-    def _merge_module(self, writer: StreamingWriter, step: Step) -> None:
-        m = step.module
-        tensors = {k: self.reader.get(k) for k in m.keys}
-        outputs = transform_module(step, tensors, self.opts)
-        entry = self.entries.get(m.path)
-        # A producer carrying a fold is checked with its consumer, end to end (see run).
+    def merge_module(self, data: ModuleData) -> None:
+        """Transform, check and write one module of this merge from the pass's shared ``data``."""
+        assert self.writer is not None
+        step = self.steps[data.module.path]
+        outputs = transform_module(step, data.tensors, self.opts, data.weight)
+        entry = self.entries.get(data.module.path)
+        # A producer carrying a fold is checked with its consumer, end to end (see finish).
         if entry is not None and self.opts.check and not step.folded_from:
-            entry.rel_error, entry.max_abs_error = check_module(step, tensors, outputs, self.opts, self.threshold)
+            entry.rel_error, entry.max_abs_error = check_module(step, data.tensors, outputs, self.opts,
+                                                                self.threshold)
             entry.limit = self._limit(step.transform, entry.out_storage)
         for planned in step.outputs:
-            writer.write(planned.key, outputs[planned.key])
+            self.writer.write(planned.key, outputs[planned.key])
 
     def _out_storage(self, step: Step) -> str:
         if step.transform == "folded":
@@ -661,6 +701,144 @@ class Merger:
         if step.transform == "exact-fold" and step.module.storage.endswith("+dq"):
             return step.module.storage.removesuffix("+dq")
         return step.module.storage
+
+
+def _label(spec: str | Path) -> str:
+    """How an input or output is named in merge_report.json (which may travel to the Hub): a Hub id or a relative
+    path as given, an absolute path as ``.../<last component>`` (no machine paths in published files, and never
+    mistaken for a Hub id)."""
+    return f".../{Path(spec).name}" if Path(spec).is_absolute() else str(spec)
+
+
+@dataclass
+class MergeJob:
+    """One adapter to merge in a pass over its base: the loaded adapter, where it goes, how, and its labels."""
+
+    adapter: Adapter
+    out: Path
+    opts: MergeOptions
+    base_label: str
+    adapter_label: str
+    fingerprint: str | None = None
+
+
+@dataclass
+class _Live:
+    index: int
+    job: MergeJob
+    merger: Merger
+    tmp: Path
+    report: MergeReport
+
+
+def run_pass(base: Base, jobs: list[MergeJob], progress: Callable[[int, int], None] | None = None,
+             ) -> list[MergeReport | IA3ConvertError]:
+    """Merge every job's adapter into ``base`` in ONE read of it: each stored tensor is read once, each module
+    decoded at most once, and every output written from that pass. Returns, per job, its report or the error
+    that stopped it (a job's failure is its own: the others go on). Interrupts and internal errors remove every
+    unfinished output and propagate."""
+    started = time.perf_counter()
+    results: list[MergeReport | IA3ConvertError | None] = [None] * len(jobs)
+    live: list[_Live] = []
+
+    def fail(entry: _Live, exc: IA3ConvertError) -> None:
+        if entry.merger.writer is not None:
+            entry.merger.writer.abort()
+        shutil.rmtree(entry.tmp, ignore_errors=True)
+        live.remove(entry)
+        results[entry.index] = exc
+
+    try:
+        for index, job in enumerate(jobs):
+            try:
+                merger = Merger(base, job.adapter, job.opts)
+                sources = [base.path] + ([job.adapter.source] if job.adapter.source is not None else [])
+                tmp = prepare_output(job.out, sources, job.opts.force)
+            except IA3ConvertError as exc:
+                results[index] = exc
+                continue
+            report = MergeReport(base=job.base_label, adapter=job.adapter_label, adapter_name=job.adapter.name,
+                                 out=_label(job.out), checked=job.opts.check, fingerprint=job.fingerprint,
+                                 options={k: v for k, v in vars(job.opts).items() if k != "force"})
+            entry = _Live(index, job, merger, tmp, report)
+            live.append(entry)
+            try:
+                _write_config_and_extras(base, job.opts, tmp)
+                merger.start(tmp)
+            except IA3ConvertError as exc:
+                fail(entry, exc)
+        reader = base.reader
+        total = len(reader.tensors)
+        module_of = {k: path for path, m in base.modules.items() for k in m.keys}
+        pending: dict[str, list] = {}  # module path -> [its data, keys of it not yet passed]
+        for done, key in enumerate(reader.tensors, start=1):
+            path = module_of.get(key)
+            data = None
+            if path is not None and any(e.merger.owner.get(key) for e in live):
+                if path not in pending:  # read once, for every merge that transforms or copies it
+                    pending[path] = [ModuleData(base.modules[path], reader), len(base.modules[path].keys)]
+                data = pending[path][0]
+            copiers = []
+            for entry in list(live):
+                owner = entry.merger.owner.get(key)
+                try:
+                    if owner is None:
+                        if entry.merger.needs_own_copy(key):
+                            entry.merger.cast_copy(key)
+                        elif data is not None:
+                            entry.merger.writer.write(key, data.tensors[key])
+                        else:
+                            copiers.append(entry)
+                    elif owner not in entry.merger.done:
+                        entry.merger.done.add(owner)
+                        entry.merger.merge_module(data)
+                except IA3ConvertError as exc:
+                    fail(entry, exc)
+            if copiers:
+                try:
+                    reader.copy_to([e.merger.writer for e in copiers], key)
+                except IA3ConvertError as exc:
+                    for entry in copiers:
+                        fail(entry, exc)
+            if path in pending:
+                pending[path][1] -= 1
+                if not pending[path][1]:
+                    del pending[path]
+            if progress is not None:
+                progress(done, total)
+        for entry in list(live):
+            try:
+                entry.merger.finish(entry.tmp, entry.report)
+                if not entry.report.passed:
+                    raise MergeCheckError(entry.report)
+                entry.report.seconds = round(time.perf_counter() - started, 3)
+                with writing(entry.tmp / REPORT_NAME):
+                    (entry.tmp / REPORT_NAME).write_text(json.dumps(entry.report.to_dict(), indent=2) + "\n")
+                publish(entry.tmp, entry.job.out)
+                results[entry.index] = entry.report
+                live.remove(entry)
+            except IA3ConvertError as exc:
+                fail(entry, exc)
+    except BaseException:
+        for entry in live:
+            if entry.merger.writer is not None:
+                entry.merger.writer.abort()
+            shutil.rmtree(entry.tmp, ignore_errors=True)
+        raise
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+def _write_config_and_extras(base: Base, opts: MergeOptions, tmp: Path) -> None:
+    """config.json (the base's, or rewritten for --quantize/--dtype) and the base's other files (tokenizer...)."""
+    config = _output_config(base.reader, opts)
+    if config is None:
+        copy_file(base.path / "config.json", tmp / "config.json")
+    else:
+        with writing(tmp / "config.json"):
+            (tmp / "config.json").write_bytes(config)
+    for extra in base.reader.other_files():
+        copy_file(extra, tmp / extra.name)
 
 
 def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, adapter_name: str | None = None,
@@ -683,10 +861,10 @@ def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, a
     an error above ``max_error`` (default: per transform kind) raises ``MergeCheckError`` and writes nothing.
     The output is built in a temporary sibling of ``out`` and renamed into place only when complete; an
     existing ``out`` is replaced only with ``force``. Returns the report (also saved as merge_report.json).
+    Several adapters into one base: ``ia3convert.batch.run_batch`` reads the base once for all of them.
     """
     from .sources import resolve_adapter, resolve_base
 
-    started = time.perf_counter()
     opts = MergeOptions(adapter_name=adapter_name, quantize=quantize, double_quant=double_quant, dtype=dtype,
                         renest=renest, requantize=requantize, check=check, max_error=max_error,
                         probe_tokens=probe_tokens, probe_scale=probe_scale, seed=seed, fold=fold,
@@ -695,30 +873,9 @@ def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, a
     parse_size(max_shard_size)
     base_dir = resolve_base(base)
     loaded = adapter if isinstance(adapter, Adapter) else read_adapter(resolve_adapter(adapter), adapter_name)
-    out = Path(out)
-    inputs = [base_dir] + ([loaded.source] if loaded.source is not None else [])
-    merger = Merger(base_dir, loaded, opts)
-    tmp = prepare_output(out, inputs, force)
-    report = MergeReport(base=str(base), adapter=str(adapter if not isinstance(adapter, Adapter) else loaded.source),
-                         adapter_name=loaded.name, out=str(out), checked=check,
-                         options={k: v for k, v in vars(opts).items() if k != "force"})
-    try:
-        config = _output_config(merger.reader, opts)
-        if config is None:
-            copy_file(base_dir / "config.json", tmp / "config.json")
-        else:
-            with writing(tmp / "config.json"):
-                (tmp / "config.json").write_bytes(config)
-        for extra in merger.reader.other_files():
-            copy_file(extra, tmp / extra.name)
-        merger.run(tmp, report, progress)
-        if not report.passed:
-            raise MergeCheckError(report)
-        report.seconds = round(time.perf_counter() - started, 3)
-        with writing(tmp / REPORT_NAME):
-            (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
+    adapter_spec = loaded.source if isinstance(adapter, Adapter) else adapter
+    job = MergeJob(loaded, Path(out), opts, _label(base), _label(adapter_spec or ""))
+    (result,) = run_pass(Base.open(base_dir), [job], progress)
+    if isinstance(result, IA3ConvertError):
+        raise result
+    return result

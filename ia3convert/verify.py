@@ -69,6 +69,7 @@ class MergeReport:
     checked: bool = True
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    fingerprint: str | None = None  # of the inputs and options, when a batch records it for resuming
 
     @property
     def passed(self) -> bool:

@@ -7,7 +7,7 @@ nested), ``weight.quant_map`` (the 16-value code book), with nesting ``weight.ne
 ``quant_type, blocksize, dtype, shape`` [+ ``nested_blocksize, nested_dtype, nested_offset``]).
 
 Everything is produced through bitsandbytes' own ``QuantState`` so that the bytes match what
-bitsandbytes and transformers write.
+bitsandbytes and transformers write; the codes themselves come from ``fast`` (bit-identical, faster).
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
+from . import fast
+
 STATE_PREFIX = "quant_state.bitsandbytes__"
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclass
@@ -75,11 +78,29 @@ def decode(packed: Packed4bit) -> torch.Tensor:
 def encode(weight: torch.Tensor, quant_type: str, blocksize: int = 64, nested: bool = False,
            dtype: torch.dtype = torch.float16) -> Packed4bit:
     """Quantize as transformers does when it loads a model in 4-bit: the weight in ``dtype``, then
-    bitsandbytes' ``quantize_4bit`` with uint8 storage."""
+    bitsandbytes' ``quantize_4bit`` with uint8 storage. On CPU the codes and absmax come from
+    ``fast.quantize_4bit`` (the same bytes, several times faster: bitsandbytes has no CPU kernel for this);
+    the nesting of the absmax and the quant state are bitsandbytes' own."""
     import bitsandbytes.functional as F
 
-    codes, state = F.quantize_4bit(weight.detach().to(dtype).contiguous(), blocksize=blocksize,
-                                   compress_statistics=nested, quant_type=quant_type, quant_storage=torch.uint8)
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"invalid blocksize {blocksize}: bitsandbytes takes {BLOCKSIZES}")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    source = weight.detach().to(dtype)
+    if source.device.type != "cpu":  # bitsandbytes' native kernels
+        codes, state = F.quantize_4bit(source.contiguous(), blocksize=blocksize, compress_statistics=nested,
+                                       quant_type=quant_type, quant_storage=torch.uint8)
+        return _from_state(codes, state)
+    code = F.get_4bit_type(quant_type, device="cpu")
+    codes, block_absmax = fast.quantize_4bit(source, code, blocksize)
+    common = {"shape": source.shape, "dtype": dtype, "blocksize": blocksize, "code": code, "quant_type": quant_type}
+    if nested:
+        offset = block_absmax.mean()
+        nested_absmax, state2 = F.quantize_blockwise(block_absmax - offset, blocksize=256)
+        state = F.QuantState(absmax=nested_absmax, offset=offset, state2=state2, **common)
+    else:
+        state = F.QuantState(absmax=block_absmax, **common)
     return _from_state(codes, state)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import fast
+
 INV_127 = 7.874015718698502e-3
 
 
@@ -17,14 +19,17 @@ def decode(codes: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
 
 
 def encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize as bitsandbytes does when transformers loads a model in 8-bit (weight cast to fp16 first).
+    """Quantize as bitsandbytes does when transformers loads a model in 8-bit (weight cast to fp16 first):
+    the bytes of bitsandbytes' ``int8_vectorwise_quant``, on CPU computed by ``fast.quantize_int8_rows``.
 
     All-zero rows (where bitsandbytes would compute 0 * 127 / 0) get zero codes and a zero scale.
     """
-    import bitsandbytes.functional as F
+    half = weight.detach().to(torch.float16)
+    if half.device.type == "cpu":
+        return fast.quantize_int8_rows(half)
+    import bitsandbytes.functional as F  # bitsandbytes' native kernels
 
-    half = weight.detach().to(torch.float16).contiguous()
-    codes, scb, _ = F.int8_vectorwise_quant(half)
+    codes, scb, _ = F.int8_vectorwise_quant(half.contiguous())
     zero = scb == 0
     if zero.any():
         codes[zero] = 0
