@@ -34,7 +34,8 @@ class Rule:
     producer: str
     kind: str  # "gated" | "attention" | "activation"
     gate: str | None = None  # gated MLP: the gate projection (its activation multiplies the producer's output)
-    part: str = "all"  # "all", "second-half" (fused gate_up: up is the second half) or "last-v" (fused QKV)
+    part: str = "all"  # "all", "second-half" (fused gate_up: up is the second half), "last-v" (fused QKV, V
+    # last) or "falcon-qkv" (Falcon's fused QKV in its three layouts)
 
 
 _GATED_LLAMA = (Rule("mlp.down_proj", "mlp.up_proj", "gated", gate="mlp.gate_proj"),
@@ -57,6 +58,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "phi3": (Rule("mlp.down_proj", "mlp.gate_up_proj", "gated", part="second-half"),
              Rule("self_attn.o_proj", "self_attn.qkv_proj", "attention", part="last-v")),
     "opt": (Rule("fc2", "fc1", "activation"), Rule("self_attn.out_proj", "self_attn.v_proj", "attention")),
+    "phi": (Rule("mlp.fc2", "mlp.fc1", "activation"), Rule("self_attn.dense", "self_attn.v_proj", "attention")),
+    "falcon": (Rule("mlp.dense_4h_to_h", "mlp.dense_h_to_4h", "activation"),
+               Rule("self_attention.dense", "self_attention.query_key_value", "attention", part="falcon-qkv")),
     "gpt2": (Rule("mlp.c_proj", "mlp.c_fc", "activation"), Rule("attn.c_proj", "attn.c_attn", "attention",
                                                                 part="last-v")),
     "bert": _BERT,
@@ -68,12 +72,13 @@ RULES: dict[str, tuple[Rule, ...]] = {
 
 @dataclass
 class Fold:
-    """An accepted fold: ``vector`` scales rows ``rows`` of ``producer`` instead of ``consumer``'s input."""
+    """An accepted fold: ``vector[i]`` scales row ``index[i]`` of ``producer`` instead of ``consumer``'s input.
+    For attention, ``index`` lists the V rows KV head by KV head (whatever the fused layout)."""
 
     consumer: str
     producer: str
     kind: str
-    rows: tuple[int, int]
+    index: torch.Tensor
     vector: torch.Tensor
     gate: str | None = None
     part: str = "all"
@@ -123,7 +128,7 @@ def find_fold(model_type: str | None, config: Any, consumer: str, vector: torch.
             return f"activation {act} is not positively homogeneous, act(l*z) != l*act(z)"
         if (vector < 0).any():
             return f"{int((vector < 0).sum())} negative scale(s): ReLU does not commute with a sign flip"
-        return Fold(consumer, producer, "activation", (0, total), vector, activation=act)
+        return Fold(consumer, producer, "activation", torch.arange(total), vector, activation=act)
     if rule.kind == "gated":
         start = total - n if rule.part == "second-half" else 0
         if (rule.part == "second-half" and total != 2 * n) or (rule.part == "all" and total != n):
@@ -131,24 +136,47 @@ def find_fold(model_type: str | None, config: Any, consumer: str, vector: torch.
         gate = prefix + rule.gate if rule.gate else None
         if gate is not None and gate not in out_features:
             return f"its gate {gate} is not a Linear of the base"
-        return Fold(consumer, producer, "gated", (start, start + n), vector, gate=gate, part=rule.part,
+        return Fold(consumer, producer, "gated", torch.arange(start, start + n), vector, gate=gate, part=rule.part,
                     activation=_activation(config))
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
     if not heads or n % heads:
         return "the number of attention heads is unknown or does not divide the input"
     head_dim = n // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    v_rows = kv_heads * head_dim
-    if rule.part == "last-v":
-        start = total - v_rows
+    if rule.part == "falcon-qkv":
+        layout = _falcon_v_rows(config, heads, head_dim, total)
+        if isinstance(layout, str):
+            return layout
+        index, kv_heads = layout
     else:
-        start = 0
-        if total != v_rows:
+        v_rows = kv_heads * head_dim
+        if rule.part == "last-v":
+            index = torch.arange(total - v_rows, total)
+        elif total != v_rows:
             return f"producer {producer} has {total} rows, not {kv_heads} KV heads of {head_dim}"
+        else:
+            index = torch.arange(v_rows)
     group = heads // kv_heads
     grouped = vector.reshape(kv_heads, group, head_dim)
     if group > 1 and not torch.equal(grouped, grouped[:, :1, :].expand_as(grouped)):
         return (f"scales differ between the {group} query heads sharing a KV head (grouped-query attention): "
                 "no single V row can carry them")
-    return Fold(consumer, producer, "attention", (start, start + v_rows), grouped[:, 0, :].reshape(-1).clone(),
-                part=rule.part, heads=(heads, kv_heads, head_dim))
+    return Fold(consumer, producer, "attention", index, grouped[:, 0, :].reshape(-1).clone(), part=rule.part,
+                heads=(heads, kv_heads, head_dim))
+
+
+def _falcon_v_rows(config: Any, heads: int, head_dim: int, total: int) -> tuple[torch.Tensor, int] | str:
+    """Falcon's V rows in its fused query_key_value, KV head by KV head, and the number of KV heads:
+    new architecture: per KV group [q..., k, v]; multi-query: [all q, k, v]; else per head [q, k, v]."""
+    if getattr(config, "new_decoder_architecture", False):
+        kv = getattr(config, "num_kv_heads", None) or heads
+        width = (heads // kv + 2) * head_dim
+        starts = torch.arange(kv) * width + width - head_dim
+    elif getattr(config, "multi_query", False):
+        kv, starts = 1, torch.tensor([total - head_dim])
+    else:
+        kv, starts = heads, torch.arange(heads) * 3 * head_dim + 2 * head_dim
+    index = (starts[:, None] + torch.arange(head_dim)).reshape(-1)
+    if int(index.max()) >= total:
+        return f"the fused query_key_value has {total} rows, which does not fit Falcon's layout"
+    return index, kv

@@ -597,7 +597,7 @@ class Merger:
                 notes[path] = f"producer {fold.producer} could not take it exactly (its 4-bit blocks straddle rows)"
                 continue
             rows = producer.rows.clone() if producer.rows is not None else torch.ones(pm.out_features)
-            rows[fold.rows[0]:fold.rows[1]] *= fold.vector
+            rows[fold.index] *= fold.vector
             producer.rows, producer.folded_from = rows, path
             step.cols, step.transform = None, "folded"
             step.reason = f"input scale folded into rows of {fold.producer} ({fold.kind})"

@@ -220,8 +220,7 @@ def fold_path(fold, layers: dict[str, nn.Module], x: torch.Tensor, seed: int,
 
     produced = layers["producer"](x)
     if fold.kind == "attention":
-        start, stop = fold.rows
-        middle = _mix_heads(produced[:, start:stop], fold.heads, seed)
+        middle = _mix_heads(produced[:, fold.index], fold.heads, seed)
     elif fold.kind == "activation":
         middle = ACT2FN[fold.activation](produced)
     else:
