@@ -7,7 +7,8 @@ runs each contender in its own process and measures wall time and peak RSS:
 - ``ia3convert merge QBASE ADAPTER OUT`` on the quantized base (streaming, exact folds where possible);
 - ``ia3convert merge FBASE ADAPTER OUT --quantize Q`` from the float base;
 - the route today: transformers + PEFT load the float model, ``merge_and_unload``, save, reload it quantized
-  with ``BitsAndBytesConfig``, save (PEFT cannot merge into the quantized model itself).
+  with ``BitsAndBytesConfig``, save (PEFT cannot merge into the quantized model itself);
+- the disk floor: copying the quantized checkpoint's files.
 
     python bench/bench_merge.py                       # TinyLlama-1.1B shape, nf4
     python bench/bench_merge.py --storage int8 --layers 4
@@ -94,6 +95,7 @@ def make_adapter(fbase: Path, out: Path, seed: int = 1) -> None:
     Adapter(config=ia3, vectors=vectors).save(out)
 
 
+COPY = "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])"
 ROUTE = """
 import sys, torch, transformers
 from peft import PeftModel
@@ -137,10 +139,12 @@ def main() -> None:
                 *merge, str(fbase), str(adapter), str(work / "o2"), "--quantize", quant, *double],
             "route today: PEFT float merge + transformers quantize": [
                 PY, "-c", ROUTE, str(fbase), str(adapter), str(work / "tmp-float"), str(work / "o3"), args.storage],
+            "disk floor: copy the quantized checkpoint": [
+                PY, "-c", COPY, str(qbase), str(work / "o4")],
         }
         results = {}
         for name, command in contenders.items():
-            for leftover in ("o1", "o2", "o3", "tmp-float"):
+            for leftover in ("o1", "o2", "o3", "o4", "tmp-float"):
                 shutil.rmtree(work / leftover, ignore_errors=True)
             results[name] = run_measured(command)
         route_wall, route_rss = results["route today: PEFT float merge + transformers quantize"]
@@ -151,6 +155,9 @@ def main() -> None:
         print(f"{'contender':<52} {'wall s':>8} {'peak RSS MiB':>13} {'route/ours wall':>16} {'route/ours RSS':>15}")
         for name, (wall, rss) in results.items():
             print(f"{name:<52} {wall:>8.1f} {rss:>13.0f} {route_wall / wall:>16.2f} {route_rss / rss:>15.2f}")
+        floor_wall = results["disk floor: copy the quantized checkpoint"][0]
+        ours_wall = results[f"ia3convert merge ({args.storage} base)"][0]
+        print(f"ia3convert merge / disk floor, wall: {ours_wall / floor_wall:.1f}x")
         if args.json:
             args.json.write_text(json.dumps({k: {"wall_s": w, "peak_rss_mib": r} for k, (w, r) in results.items()},
                                             indent=2))

@@ -511,18 +511,16 @@ class Base:
 
 class ModuleData:
     """One module's stored tensors, read once, and its float32 weight, decoded at most once, for every merge of
-    a pass. ``decodes`` counts the decodings (a batch test holds it to one)."""
+    a pass."""
 
     def __init__(self, module: Module, reader: CheckpointReader) -> None:
         self.module = module
         self.tensors = {k: reader.get(k) for k in module.keys}
         self._weight: torch.Tensor | None = None
-        self.decodes = 0
 
     def weight(self) -> torch.Tensor:
         if self._weight is None:
             self._weight = _decode(self.module, self.tensors)
-            self.decodes += 1
         return self._weight
 
 
