@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import AdapterError, CheckpointError, HubError
+from .errors import AdapterError, CheckpointError, HubError, IA3ConvertError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.tiktoken"]
@@ -38,21 +38,23 @@ def _download(repo_id: str, patterns: list[str]) -> Path:
         raise HubError(f"{repo_id}: download failed ({first})", hint="retry, or give a local directory") from None
 
 
+def _resolve(spec: str | Path, patterns: list[str], missing: IA3ConvertError) -> Path:
+    """The local path ``spec`` when it exists; a Hub snapshot when ``spec`` is a repo id; else ``missing``."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    if not _REPO_ID.match(str(spec)):
+        raise missing
+    return _download(str(spec), patterns)
+
+
 def resolve_base(spec: str | Path) -> Path:
     """A base model directory: the path itself, or a downloaded snapshot of a Hub repo id."""
-    path = Path(spec)
-    if path.exists() or not _REPO_ID.match(str(spec)):
-        if not path.exists():
-            raise CheckpointError(f"{spec}: does not exist", hint="give a model directory or a Hub repo id")
-        return path
-    return _download(str(spec), MODEL_FILES)
+    return _resolve(spec, MODEL_FILES, CheckpointError(f"{spec}: does not exist",
+                                                       hint="give a model directory or a Hub repo id"))
 
 
 def resolve_adapter(spec: str | Path) -> Path:
     """An adapter directory: the path itself, or a downloaded snapshot of a Hub repo id."""
-    path = Path(spec)
-    if path.exists() or not _REPO_ID.match(str(spec)):
-        if not path.exists():
-            raise AdapterError(f"{spec}: no such file or directory", hint="give an adapter directory or a Hub repo id")
-        return path
-    return _download(str(spec), ADAPTER_FILES)
+    return _resolve(spec, ADAPTER_FILES, AdapterError(f"{spec}: no such file or directory",
+                                                      hint="give an adapter directory or a Hub repo id"))
