@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -17,6 +18,19 @@ def test_bench_merge_runs_at_toy_size(tmp_path):
          "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True, check=True,
     )
-    rows = [line for line in done.stdout.splitlines() if line.startswith(("ia3convert", "route"))]
-    assert len(rows) == 3, done.stdout
-    assert (tmp_path / "r.json").is_file()
+    rows = [line for line in done.stdout.splitlines()
+            if line.startswith(("ia3convert merge (", "ia3convert merge --", "route", "disk floor:"))]
+    assert len(rows) == 4, done.stdout
+    assert len(json.loads((tmp_path / "r.json").read_text())) == 4
+
+
+@pytest.mark.slow
+def test_bench_batch_runs_at_toy_size(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_batch.py"), "--hidden", "128", "--intermediate", "256",
+         "--layers", "1", "--heads", "4", "--kv-heads", "2", "--vocab", "300", "--counts", "1", "2",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    )
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"], done.stdout
