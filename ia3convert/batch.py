@@ -201,6 +201,12 @@ def run_group(items: Sequence[tuple[int, Job]], resume: bool = True,
               progress: Callable[[int, int], None] | None = None) -> list[tuple[int, JobResult]]:
     """Run one group (merge jobs sharing a base: one pass; or a single validate/resave job) and return each
     job's result with its index. Module-level and self-contained, so executors can pickle it."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:  # an executor's worker: its memory settings are ours
+        from .memory import return_large_blocks
+
+        return_large_blocks()
     started = time.perf_counter()
     results: dict[int, JobResult] = {}
     merges: list[tuple[int, Job, Any, str]] = []

@@ -32,11 +32,15 @@ class _Group(click.Group):
 
 
 def _quiet_libraries() -> None:
-    """No progress bars or per-call warnings from the libraries underneath: our output is the report."""
+    """No progress bars or per-call warnings from the libraries underneath: our output is the report. Also
+    returns freed large blocks to the system (see ``memory``), for every command that loads tensors."""
     import logging
 
     import transformers
 
+    from .memory import return_large_blocks
+
+    return_large_blocks()
     transformers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -66,3 +66,15 @@ def test_debug_shows_the_traceback(tmp_path):
     result = run("--debug", "wrap", MODELS / "llama-nf4", tmp_path / "missing")
     assert result.exit_code != 0
     assert isinstance(result.exception, ia3convert.AdapterError)
+
+
+def test_large_blocks_go_back_to_the_system_on_glibc():
+    import platform
+
+    from ia3convert.memory import return_large_blocks
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        import pytest
+
+        pytest.skip("mallopt is glibc's")
+    assert return_large_blocks() is True
