@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,25 +133,23 @@ class Step:
         return self.rows is not None or self.cols is not None
 
 
-def _storage_name(kind: str, info: dict[str, Any] | None, dtype: str) -> str:
-    if kind == "int8":
-        return "int8"
-    if kind == "4bit":
-        assert info is not None
-        return f"{info['quant_type']}+dq" if "nested_blocksize" in info else info["quant_type"]
-    return dtype
+def keys_by_module(keys: Iterable[str], paths: Container[str]) -> dict[str, list[str]]:
+    """Checkpoint keys grouped by the module path they belong to (``P.weight``, ``P.SCB``,
+    ``P.weight.quant_state.bitsandbytes__nf4``, ...): one pass over the keys."""
+    by_module: dict[str, list[str]] = {}
+    for key in keys:
+        parts = key.split(".")
+        for cut in (1, 2, 3, 4):
+            prefix = ".".join(parts[:-cut])
+            if prefix in paths:
+                by_module.setdefault(prefix, []).append(key)
+                break
+    return by_module
 
 
 def find_modules(reader: CheckpointReader, linear: dict[str, bool]) -> dict[str, Module]:
     """Every Linear/Conv1D of the skeleton that the checkpoint stores, with its storage read from the tensors."""
-    by_module: dict[str, list[str]] = {}
-    for key in reader.tensors:
-        parts = key.split(".")
-        for cut in (1, 2, 3, 4):
-            prefix = ".".join(parts[:-cut])
-            if prefix in linear:
-                by_module.setdefault(prefix, []).append(key)
-                break
+    by_module = keys_by_module(reader.tensors, linear)
     modules = {}
     for path, keys in by_module.items():
         weight = reader.tensors.get(f"{path}.weight")
@@ -169,8 +167,8 @@ def find_modules(reader: CheckpointReader, linear: dict[str, bool]) -> dict[str,
             except (ValueError, KeyError, TypeError):
                 raise CheckpointError(f"{reader.path}: tensor {state_keys[0]} is not a bitsandbytes quant state",
                                       hint="the checkpoint is damaged") from None
-            modules[path] = Module(path, "4bit", keys, in_f, out_f, False, conv1d, _storage_name("4bit", info, ""),
-                                   info)
+            storage = f"{info['quant_type']}+dq" if "nested_blocksize" in info else info["quant_type"]
+            modules[path] = Module(path, "4bit", keys, in_f, out_f, False, conv1d, storage, info)
         elif weight.torch_dtype.is_floating_point and len(weight.shape) == 2:
             rows, cols = weight.shape
             in_f, out_f = (rows, cols) if conv1d else (cols, rows)
@@ -633,11 +631,13 @@ class Merger:
         report.files = self.writer.close()
         if self.opts.check and self.folds:
             merged = CheckpointReader(tmp)
+            merged_keys = keys_by_module(merged.tensors, self.modules)
             for consumer, fold in self.folds.items():
                 entry = self.entries[consumer]
                 producer = self.entries[fold.producer]
-                truth_layers = self._layers(self.reader, fold, truth=True)
-                merged_layers = self._layers(merged, fold, truth=False)
+                truth_layers = self._layers(self.reader, {p: m.keys for p, m in self.modules.items()}, fold,
+                                            truth=True)
+                merged_layers = self._layers(merged, merged_keys, fold, truth=False)
                 if fold.gate is not None and fold.gate not in self.steps:  # an untouched gate: run it once
                     merged_layers["gate"] = truth_layers["gate"]
                 errors = check_fold(fold, truth_layers, merged_layers, self.modules[fold.producer].in_features,
@@ -648,17 +648,18 @@ class Merger:
                     item.limit = limit if item.limit is None else min(item.limit, limit)
         report.modules = [self.entries[p] for p in sorted(self.entries)]
 
-    def _layers(self, reader: CheckpointReader, fold: Fold, truth: bool) -> dict[str, torch.nn.Module]:
-        """The fold's modules (consumer, producer, gate) as layers over ``reader``'s tensors; with ``truth``,
-        wrapped with the adapter's own IA3 factors (the unmerged computation)."""
+    def _layers(self, reader: CheckpointReader, keys_of: dict[str, list[str]], fold: Fold,
+                truth: bool) -> dict[str, torch.nn.Module]:
+        """The fold's modules (consumer, producer, gate) as layers over ``reader``'s tensors (``keys_of``: each
+        module's keys in that reader); with ``truth``, wrapped with the adapter's own IA3 factors (the unmerged
+        computation)."""
         layers = {}
         for role, path in (("consumer", fold.consumer), ("producer", fold.producer), ("gate", fold.gate)):
             if path is None:
                 continue
             module = self.modules[path]
             kind = module.kind  # folds happen only when the output keeps the base's storage
-            keys = [k for k in reader.tensors if k == f"{path}.weight" or k.startswith(f"{path}.")]
-            tensors = {k: reader.get(k) for k in keys}
+            tensors = {k: reader.get(k) for k in keys_of[path]}
             layer = build_layer(kind, tensors, path, module.in_features, module.out_features, module.transposed,
                                 self.threshold)
             if truth:
