@@ -11,12 +11,16 @@ than the tensor it is given, never a whole shard.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,8 @@ from .errors import CheckpointError, OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# errno values of copy_file_range meaning "not between these files here": fall back to read and write.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on header size
 
 DTYPES: dict[str, torch.dtype] = {
@@ -272,7 +278,13 @@ class StreamingWriter:
     own, as transformers does). Each shard's header is written first with room for the final one (deferred
     tensors planned at their largest), and rewritten, space-padded as safetensors itself pads, on ``close``,
     which also checks that every planned tensor was written and writes the index.
+
+    Writes are positional and run on a background I/O thread, so the next tensor is computed while the last
+    one goes to disk; at most ``IN_FLIGHT`` bytes of given tensors wait there. A failed write surfaces as
+    ``OutputError`` at a later ``write`` or at ``close``.
     """
+
+    IN_FLIGHT = 256 * 1024 * 1024
 
     def __init__(self, out_dir: Path, plan: Iterable[PlannedTensor], max_shard_size: int,
                  metadata: dict[str, str] | None = None) -> None:
@@ -305,26 +317,31 @@ class StreamingWriter:
             shard.fixed_size = sum(p.nbytes for p in shard.fixed)
             room = len(_header(entries, self.metadata))
             shard.header_room = room + (-(8 + room) % 8)  # data starts 8-byte aligned, as safetensors writes
-            with writing(out_dir / shard.name), open(out_dir / shard.name, "wb") as f:
-                f.truncate(8 + shard.header_room + shard.fixed_size)
             self.shards.append(shard)
         self._written: set[str] = set()
         self._small: dict[str, bytes] = {}
-        self._files = {}
-        for s in self.shards:
-            with writing(out_dir / s.name):
-                self._files[s.name] = open(out_dir / s.name, "r+b")  # noqa: SIM115
+        self._fds: dict[str, int] = {}
+        self._pending: deque[tuple[Future, int]] = deque()
+        self._in_flight = 0
+        try:
+            for s in self.shards:
+                with writing(out_dir / s.name):
+                    self._fds[s.name] = os.open(out_dir / s.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+                    os.ftruncate(self._fds[s.name], 8 + s.header_room + s.fixed_size)
+        except OutputError:
+            self.abort()
+            raise
 
-    def _slot(self, key: str, nbytes: int) -> tuple[Any, Path, int]:
-        """(open file, its path, absolute offset) where the planned fixed-size tensor ``key`` goes."""
+    def _slot(self, key: str, nbytes: int) -> tuple[int, Path, int]:
+        """(file descriptor, path, absolute offset) where the planned fixed-size tensor ``key`` goes."""
         planned = self.plan.get(key)
         if planned is None or key in self._written or planned.deferred or planned.nbytes != nbytes:
             raise ValueError(f"{key}: cannot be copied as planned")
         shard = self.where[key]
-        return self._files[shard.name], self.out_dir / shard.name, 8 + shard.header_room + shard.offsets[key]
+        return self._fds[shard.name], self.out_dir / shard.name, 8 + shard.header_room + shard.offsets[key]
 
     def write(self, key: str, data: torch.Tensor | bytes) -> None:
-        """Write one planned tensor (or its raw bytes) at its place."""
+        """Write one planned tensor (or its raw bytes) at its place; the tensor must not change afterwards."""
         planned = self.plan.get(key)
         if planned is None or key in self._written:
             raise ValueError(f"{key}: not planned or written twice")
@@ -333,20 +350,38 @@ class StreamingWriter:
             if data.dtype != planned.dtype or not shape_ok:
                 raise ValueError(f"{key}: planned {planned.dtype} {planned.shape}, got {data.dtype} "
                                  f"{tuple(data.shape)}")
-            data = _tensor_bytes(data)
-        if planned.deferred:
-            if len(data) > planned.nbytes:
-                raise ValueError(f"{key}: {len(data)} bytes, more than the {planned.nbytes} planned")
-            self._small[key] = data
+            view = _tensor_view(data)
         else:
-            if len(data) != planned.nbytes:
-                raise ValueError(f"{key}: planned {planned.nbytes} bytes, got {len(data)}")
-            shard = self.where[key]
-            f = self._files[shard.name]
-            with writing(self.out_dir / shard.name):
-                f.seek(8 + shard.header_room + shard.offsets[key])
-                f.write(data)
+            view = memoryview(data)
+        if planned.deferred:
+            if view.nbytes > planned.nbytes:
+                raise ValueError(f"{key}: {view.nbytes} bytes, more than the {planned.nbytes} planned")
+            self._small[key] = bytes(view)
+        else:
+            if view.nbytes != planned.nbytes:
+                raise ValueError(f"{key}: planned {planned.nbytes} bytes, got {view.nbytes}")
+            fd, path, offset = self._slot(key, planned.nbytes)
+            self.submit(lambda: _pwrite(fd, path, view, offset), view.nbytes)
         self._written.add(key)
+
+    def submit(self, job: Callable[[], None], nbytes: int = 0) -> Future:
+        """Run ``job`` (I/O on this writer's files) on the I/O thread, after every job submitted before it;
+        ``nbytes``: the memory it keeps alive until done. Raises the error of any failed earlier job."""
+        self._collect(block=False)
+        while self._pending and self._in_flight + nbytes > self.IN_FLIGHT:
+            self._collect(block=True)
+        future = _io_thread().submit(job)
+        self._pending.append((future, nbytes))
+        self._in_flight += nbytes
+        return future
+
+    def _collect(self, block: bool) -> None:
+        """Retire finished jobs (with ``block``, at least the oldest), raising the first failure."""
+        while self._pending and (block or self._pending[0][0].done()):
+            future, nbytes = self._pending.popleft()
+            self._in_flight -= nbytes
+            block = False
+            future.result()
 
     def close(self) -> list[str]:
         """Finish the files and write the index (when sharded); returns the shard file names."""
@@ -354,8 +389,14 @@ class StreamingWriter:
         if missing:
             self.abort()
             raise ValueError(f"tensors planned but never written: {missing[:5]}")
-        with writing(self.out_dir):
-            return self._finish()
+        try:
+            while self._pending:
+                self._collect(block=True)
+            with writing(self.out_dir):
+                return self._finish()
+        except BaseException:
+            self.abort()
+            raise
 
     def _finish(self) -> list[str]:
         total = 0
@@ -363,21 +404,19 @@ class StreamingWriter:
         for shard in self.shards:
             entries = [(p, shard.offsets[p.key], shard.offsets[p.key] + p.nbytes, p.shape) for p in shard.fixed]
             offset = shard.fixed_size
-            f = self._files[shard.name]
-            f.seek(8 + shard.header_room + offset)
+            fd, path = self._fds[shard.name], self.out_dir / shard.name
             for item in shard.deferred:
                 data = self._small[item.key]
                 entries.append((item, offset, offset + len(data), (len(data),)))
-                f.write(data)
+                _pwrite(fd, path, memoryview(data), 8 + shard.header_room + offset)
                 offset += len(data)
             header = _header(entries, self.metadata)
             if len(header) > shard.header_room:
                 raise ValueError(f"{shard.name}: header outgrew its room")
-            f.truncate(8 + shard.header_room + offset)
-            f.seek(0)
-            f.write(struct.pack("<Q", shard.header_room))
-            f.write(header + b" " * (shard.header_room - len(header)))
-            f.close()
+            os.ftruncate(fd, 8 + shard.header_room + offset)
+            head = struct.pack("<Q", shard.header_room) + header + b" " * (shard.header_room - len(header))
+            _pwrite(fd, path, memoryview(head), 0)
+            os.close(self._fds.pop(shard.name))
             total += offset
             weight_map.update({p.key: shard.name for p in shard.fixed + shard.deferred})
         if len(self.shards) > 1:
@@ -386,39 +425,104 @@ class StreamingWriter:
         return [s.name for s in self.shards]
 
     def abort(self) -> None:
-        """Close every file without finishing it (the caller removes them); a failing flush is ignored."""
-        for f in self._files.values():
+        """Wait for the queued I/O (a copy may feed other writers too), then close every file without finishing
+        it (the caller removes them); errors are ignored."""
+        while self._pending:
+            future, _ = self._pending.popleft()
+            with suppress(Exception):
+                future.result()
+        self._in_flight = 0
+        for fd in self._fds.values():
             with suppress(OSError):
-                f.close()
+                os.close(fd)
+        self._fds.clear()
 
 
-def copy_tensor(writers: list[StreamingWriter], key: str, source: TensorInfo, chunk: int = 16 * 1024 * 1024) -> None:
-    """Copy a stored tensor's bytes into several writers at once: each block is read once and written to all
-    (a batch writes every adapter's output from one read of the base)."""
+_IO: ThreadPoolExecutor | None = None
+_IO_LOCK = threading.Lock()
+
+
+def _io_thread() -> ThreadPoolExecutor:
+    """The process's one I/O thread: writes and copies run there in submission order while Python computes
+    (file I/O releases the GIL)."""
+    global _IO
+    with _IO_LOCK:
+        if _IO is None:
+            _IO = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ia3convert-io")
+        return _IO
+
+
+def _pwrite(fd: int, path: Path, data: memoryview, offset: int) -> None:
+    with writing(path):
+        data = data.cast("B")
+        while data:
+            done = os.pwrite(fd, data, offset)
+            data, offset = data[done:], offset + done
+
+
+_KERNEL_COPY = [hasattr(os, "copy_file_range")]  # cleared when the file systems here refuse it
+
+
+def _copy_range(src: int, src_path: Path, start: int, dst: int, dst_path: Path, offset: int, nbytes: int,
+                key: str, chunk: int = 16 * 1024 * 1024) -> None:
+    """Copy ``nbytes`` from ``src`` at ``start`` to ``dst`` at ``offset``: inside the kernel where the file
+    systems allow (no user-space buffer at all), else through one reused buffer of ``chunk`` bytes."""
+    done = 0
+    if _KERNEL_COPY[0]:
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src, dst, nbytes - done, start + done, offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise OutputError(f"{dst_path}: cannot be written ({exc.strerror or exc})",
+                                  hint="free some disk space or choose another output location") from None
+            _KERNEL_COPY[0] = False
+    buffer = memoryview(bytearray(min(chunk, max(nbytes - done, 1))))
+    while done < nbytes:
+        n = os.preadv(src, [buffer[: min(len(buffer), nbytes - done)]], start + done)
+        if n == 0:
+            break
+        _pwrite(dst, dst_path, buffer[:n], offset + done)
+        done += n
+    if done < nbytes:
+        raise CheckpointError(f"{src_path}: ended early while copying {key}", hint="the file changed or is truncated")
+
+
+def copy_tensor(writers: list[StreamingWriter], key: str, source: TensorInfo) -> None:
+    """Copy a stored tensor's bytes unchanged into several writers: the base is read once, into the first
+    writer's file, and the others copy from there (a batch writes every adapter's output from one read)."""
     slots = [w._slot(key, source.nbytes) for w in writers]
-    with open(source.file, "rb") as src:
-        src.seek(source.start)
-        done = 0
-        while done < source.nbytes:
-            block = src.read(min(chunk, source.nbytes - done))
-            if not block:
-                raise CheckpointError(f"{source.file}: ended early while copying {key}",
-                                      hint="the file changed or is truncated")
-            for f, path, offset in slots:
-                with writing(path):
-                    f.seek(offset + done)
-                    f.write(block)
-            done += len(block)
+
+    def job() -> None:
+        src = os.open(source.file, os.O_RDONLY)
+        try:
+            _copy_range(src, source.file, source.start, *slots[0], source.nbytes, key)
+        finally:
+            os.close(src)
+        first_fd, first_path, first_offset = slots[0]
+        for fd, path, offset in slots[1:]:
+            _copy_range(first_fd, first_path, first_offset, fd, path, offset, source.nbytes, key)
+
+    # Queued on every writer's list: each one's close (or abort) waits for it.
+    future = writers[0].submit(job)
+    for w in writers[1:]:
+        w._pending.append((future, 0))
     for w in writers:
         w._written.add(key)
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """A tensor's bytes in little-endian row-major order (what safetensors stores)."""
+def _tensor_view(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes in little-endian row-major order (what safetensors stores), without a copy when the
+    tensor is contiguous on the CPU."""
     flat = tensor.detach().contiguous().cpu().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    if not flat.numel():
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def copy_file(src: Path, dst: Path, chunk: int = 16 * 1024 * 1024) -> None:

@@ -42,6 +42,7 @@ from .checkpoint import (
 from .codecs import floating, four_bit, int8
 from .errors import AdapterError, CheckpointError, IA3ConvertError, MergeCheckError, OutputError, TargetError
 from .folds import Fold, find_fold
+from .sampling import restrict, sample, special_indices
 from .skeleton import build_skeleton, linear_modules, modules_to_quantize
 from .verify import (
     MergeReport,
@@ -74,6 +75,7 @@ class MergeOptions:
     max_error: float | None = None
     probe_tokens: int = 32
     probe_scale: float = 1.0
+    check_sample: int = 512
     fold: bool = True
     seed: int = 0
     max_shard_size: str | int = "5GB"
@@ -93,6 +95,8 @@ class MergeOptions:
             raise OutputError("--double-quant needs --quantize nf4 or fp4", hint="add --quantize nf4")
         if self.probe_tokens < 1:
             raise OutputError("--probe-tokens must be at least 1", hint="the default is 32")
+        if self.check_sample < 0:
+            raise OutputError("--check-sample must be 0 (every row) or more", hint="the default is 512")
 
 
 @dataclass
@@ -396,17 +400,39 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
 
 
 def check_module(step: Step, tensors: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
-                 opts: MergeOptions, threshold: float) -> tuple[float, float]:
-    """Relative and max-abs error of the merged layer against the IA3-wrapped original on probe inputs."""
+                 opts: MergeOptions, threshold: float) -> tuple[float, float, int]:
+    """Relative and max-abs error of the merged layer against the IA3-wrapped original on probe inputs, and the
+    number of output rows compared (``opts.check_sample`` rows, see ``sampling``, or all of them)."""
     m, p = step.module, step.module.path
-    original = build_layer(m.kind, tensors, p, m.in_features, m.out_features, m.transposed, threshold)
-    truth = ia3_truth(original, m.kind, step.rows, step.cols)
     out_kind = m.kind if step.out_kind == "same" else step.out_kind
+    rows = None
+    if _row_chunk(m, m.kind) and _row_chunk(m, out_kind, outputs):
+        rows = sample(m.out_features, opts.check_sample, p, opts.seed, special=special_indices(step.rows))
+    cut, n_in, n_out = restrict(m.kind, tensors, p, m.in_features, m.out_features, m.transposed, rows, None)
+    original = build_layer(m.kind, cut, p, n_in, n_out, m.transposed, threshold)
+    factors = step.rows if rows is None or step.rows is None else step.rows[rows]
+    truth = ia3_truth(original, m.kind, factors, step.cols)
     # A float output keeps Conv1D's [in, out] orientation (transformers loads it into a Conv1D again).
-    candidate = build_layer(out_kind, outputs, p, m.in_features, m.out_features, out_kind == "float" and m.conv1d,
-                            threshold)
+    transposed = out_kind == "float" and m.conv1d
+    cut, n_in, n_out = restrict(out_kind, outputs, p, m.in_features, m.out_features, transposed, rows, None)
+    candidate = build_layer(out_kind, cut, p, n_in, n_out, transposed, threshold)
     x = probes(p, m.in_features, opts.probe_tokens, opts.probe_scale, opts.seed)
-    return compare(truth, candidate, x)
+    return (*compare(truth, candidate, x), n_out)
+
+
+def _row_chunk(module: Module, kind: str, tensors: dict[str, torch.Tensor] | None = None) -> int | None:
+    """The column chunk a row sample of ``module`` stored as ``kind`` needs (1, or the 4-bit blocksize), or None
+    when its rows cannot be cut exactly (4-bit blocks straddling rows). ``tensors``: the stored form, when it
+    is not the base's (a --quantize output)."""
+    if kind != "4bit":
+        return 1
+    if tensors is not None:
+        key = next(k for k in tensors if k.startswith(f"{module.path}.weight.quant_state."))
+        blocksize = int(json.loads(bytes(tensors[key].tolist()).decode("utf-8"))["blocksize"])
+    else:
+        assert module.info is not None
+        blocksize = int(module.info["blocksize"])
+    return blocksize if module.in_features % blocksize == 0 else None
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -632,39 +658,66 @@ class Merger:
         if self.opts.check and self.folds:
             merged = CheckpointReader(tmp)
             merged_keys = keys_by_module(merged.tensors, self.modules)
+            base_keys = {p: m.keys for p, m in self.modules.items()}
             for consumer, fold in self.folds.items():
                 entry = self.entries[consumer]
                 producer = self.entries[fold.producer]
-                truth_layers = self._layers(self.reader, {p: m.keys for p, m in self.modules.items()}, fold,
-                                            truth=True)
-                merged_layers = self._layers(merged, merged_keys, fold, truth=False)
+                cut = self._fold_sample(fold)
+                truth_layers = self._layers(self.reader, base_keys, fold, cut, truth=True)
+                merged_layers = self._layers(merged, merged_keys, fold, cut, truth=False)
                 if fold.gate is not None and fold.gate not in self.steps:  # an untouched gate: run it once
                     merged_layers["gate"] = truth_layers["gate"]
                 errors = check_fold(fold, truth_layers, merged_layers, self.modules[fold.producer].in_features,
                                     self.opts)
                 limit = self._limit(producer.transform, producer.out_storage)
+                channels = cut["consumer"][1]
                 for item in (entry, producer):
                     item.rel_error, item.max_abs_error = errors
                     item.limit = limit if item.limit is None else min(item.limit, limit)
+                    item.rows_checked = self.modules[consumer].in_features if channels is None else channels.numel()
         report.modules = [self.entries[p] for p in sorted(self.entries)]
 
+    def _fold_sample(self, fold: Fold) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Per role of a fold path, the (rows, columns) its check keeps: a sample of the channels between
+        producer and consumer (the producer's rows, the gate's rows, the consumer's columns), or everything.
+        Attention folds, and layers whose 4-bit blocks straddle rows, are checked whole."""
+        whole: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {"consumer": (None, None)}
+        if fold.kind not in ("gated", "activation"):
+            return whole
+        consumer = self.modules[fold.consumer]
+        chunk = _row_chunk(consumer, consumer.kind)
+        cutting = [self.modules[p] for p in (fold.producer, fold.gate) if p is not None]
+        if chunk is None or any(_row_chunk(m, m.kind) is None for m in cutting):
+            return whole
+        n = consumer.in_features
+        special = torch.cat([special_indices(self.truth_factors[fold.consumer][1]),
+                             special_indices(fold.vector)])
+        channels = sample(n, self.opts.check_sample, fold.consumer, self.opts.seed, chunk=chunk, special=special)
+        if channels is None:
+            return whole
+        start = int(fold.index[0])  # the producer rows feeding the consumer start here (a fused gate_up: n)
+        rows = torch.cat([channels, channels + start]) if fold.part == "second-half" else channels
+        return {"consumer": (None, channels), "producer": (rows, None), "gate": (channels, None)}
+
     def _layers(self, reader: CheckpointReader, keys_of: dict[str, list[str]], fold: Fold,
-                truth: bool) -> dict[str, torch.nn.Module]:
+                cut: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]], truth: bool,
+                ) -> dict[str, torch.nn.Module]:
         """The fold's modules (consumer, producer, gate) as layers over ``reader``'s tensors (``keys_of``: each
-        module's keys in that reader); with ``truth``, wrapped with the adapter's own IA3 factors (the unmerged
-        computation)."""
+        module's keys in that reader), restricted to the rows and columns in ``cut``; with ``truth``, wrapped
+        with the adapter's own IA3 factors (the unmerged computation)."""
         layers = {}
         for role, path in (("consumer", fold.consumer), ("producer", fold.producer), ("gate", fold.gate)):
             if path is None:
                 continue
             module = self.modules[path]
             kind = module.kind  # folds happen only when the output keeps the base's storage
-            tensors = {k: reader.get(k) for k in keys_of[path]}
-            layer = build_layer(kind, tensors, path, module.in_features, module.out_features, module.transposed,
-                                self.threshold)
+            rows, cols = cut.get(role, (None, None))
+            tensors, n_in, n_out = restrict(kind, {k: reader.get(k) for k in keys_of[path]}, path,
+                                            module.in_features, module.out_features, module.transposed, rows, cols)
+            layer = build_layer(kind, tensors, path, n_in, n_out, module.transposed, self.threshold)
             if truth:
-                rows, cols = self.truth_factors.get(path, (None, None))
-                layer = ia3_truth(layer, kind, rows, cols)
+                own_rows, own_cols = self.truth_factors.get(path, (None, None))
+                layer = ia3_truth(layer, kind, _pick(own_rows, rows), _pick(own_cols, cols))
             layers[role] = layer
         return layers
 
@@ -683,8 +736,8 @@ class Merger:
         entry = self.entries.get(data.module.path)
         # A producer carrying a fold is checked with its consumer, end to end (see finish).
         if entry is not None and self.opts.check and not step.folded_from:
-            entry.rel_error, entry.max_abs_error = check_module(step, data.tensors, outputs, self.opts,
-                                                                self.threshold)
+            entry.rel_error, entry.max_abs_error, entry.rows_checked = check_module(
+                step, data.tensors, outputs, self.opts, self.threshold)
             entry.limit = self._limit(step.transform, entry.out_storage)
         for planned in step.outputs:
             self.writer.write(planned.key, outputs[planned.key])
@@ -700,6 +753,10 @@ class Merger:
         if step.transform == "exact-fold" and step.module.storage.endswith("+dq"):
             return step.module.storage.removesuffix("+dq")
         return step.module.storage
+
+
+def _pick(vector: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
+    return vector if vector is None or index is None else vector[index]
 
 
 def _label(spec: str | Path) -> str:
@@ -843,7 +900,8 @@ def _write_config_and_extras(base: Base, opts: MergeOptions, tmp: Path) -> None:
 def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, adapter_name: str | None = None,
           quantize: str | None = None, double_quant: bool = False, dtype: str | None = None, renest: bool = False,
           requantize: bool = False, check: bool = True, max_error: float | None = None, probe_tokens: int = 32,
-          probe_scale: float = 1.0, seed: int = 0, fold: bool = True, max_shard_size: str | int = "5GB",
+          probe_scale: float = 1.0, check_sample: int = 512, seed: int = 0, fold: bool = True,
+          max_shard_size: str | int = "5GB",
           force: bool = False, progress: Callable[[int, int], None] | None = None) -> MergeReport:
     """Merge an IA3 adapter into a base checkpoint and write a self-contained model to ``out``.
 
@@ -856,8 +914,10 @@ def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, a
     (gated MLPs, attention V, ReLU MLPs with non-negative scales; see ``folds``), so that it folds into the
     statistics instead of being requantized.
 
-    Every merged module is checked against the IA3-wrapped original layer on ``probe_tokens`` seeded inputs;
-    an error above ``max_error`` (default: per transform kind) raises ``MergeCheckError`` and writes nothing.
+    Every merged module is checked against the IA3-wrapped original layer on ``probe_tokens`` seeded inputs,
+    over ``check_sample`` of its output rows (fold paths: channels; drawn at random, plus the rows whose scales
+    are extreme, zero or negative; 0 = every row); an error above ``max_error`` (default: per transform kind)
+    raises ``MergeCheckError`` and writes nothing.
     The output is built in a temporary sibling of ``out`` and renamed into place only when complete; an
     existing ``out`` is replaced only with ``force``. Returns the report (also saved as merge_report.json).
     Several adapters into one base: ``ia3convert.batch.run_batch`` reads the base once for all of them.
@@ -866,7 +926,8 @@ def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, a
 
     opts = MergeOptions(adapter_name=adapter_name, quantize=quantize, double_quant=double_quant, dtype=dtype,
                         renest=renest, requantize=requantize, check=check, max_error=max_error,
-                        probe_tokens=probe_tokens, probe_scale=probe_scale, seed=seed, fold=fold,
+                        probe_tokens=probe_tokens, probe_scale=probe_scale, check_sample=check_sample, seed=seed,
+                        fold=fold,
                         max_shard_size=max_shard_size, force=force)
     opts.validate()
     parse_size(max_shard_size)

@@ -50,6 +50,7 @@ class ModuleReport:
     rel_error: float | None = None
     max_abs_error: float | None = None
     limit: float | None = None
+    rows_checked: int | None = None  # output rows (or, for a fold, channels) the check compared
 
     @property
     def ok(self) -> bool:
@@ -101,14 +102,15 @@ class MergeReport:
             return "no module merged"
         width = max(len(m.module) for m in self.modules)
         lines = [f"{'module':<{width}}  {'storage':<8} {'scales':<6} {'transform':<11} {'rel error':>10} "
-                 f"{'max abs':>10} {'limit':>8}  why"]
+                 f"{'max abs':>10} {'limit':>8} {'rows':>6}  why"]
         for m in self.modules:
             rel = "-" if m.rel_error is None else f"{m.rel_error:.2e}"
             mx = "-" if m.max_abs_error is None else f"{m.max_abs_error:.2e}"
             lim = "-" if m.limit is None else f"{m.limit:.0e}"
+            rows = "-" if m.rows_checked is None else str(m.rows_checked)
             flag = "FAIL " if not m.ok else ""
             lines.append(f"{m.module:<{width}}  {m.storage:<8} {m.scales:<6} {m.transform:<11} {rel:>10} "
-                         f"{mx:>10} {lim:>8}  {flag}{m.reason}")
+                         f"{mx:>10} {lim:>8} {rows:>6}  {flag}{m.reason}")
         return "\n".join(lines)
 
 
