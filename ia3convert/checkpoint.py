@@ -284,7 +284,7 @@ class StreamingWriter:
     ``OutputError`` at a later ``write`` or at ``close``.
     """
 
-    IN_FLIGHT = 256 * 1024 * 1024
+    IN_FLIGHT = 64 * 1024 * 1024
 
     def __init__(self, out_dir: Path, plan: Iterable[PlannedTensor], max_shard_size: int,
                  metadata: dict[str, str] | None = None) -> None:

@@ -589,7 +589,6 @@ class Merger:
         self.owner = {k: path for path, step in self.steps.items() for k in step.module.keys}
         self.plan = self._plan()
         self.writer: StreamingWriter | None = None
-        self.done: set[str] = set()
 
     @staticmethod
     def _scales(step: Step) -> str:
@@ -728,6 +727,13 @@ class Merger:
         assert self.writer is not None
         self.writer.write(key, _cast(self.reader.get(key), FLOAT_DTYPES[self.opts.dtype], key))
 
+    def copy(self, key: str, tensor: torch.Tensor) -> None:
+        """Write an untouched tensor already read (cast when --dtype asks for it)."""
+        assert self.writer is not None
+        if self.needs_own_copy(key):
+            tensor = _cast(tensor, FLOAT_DTYPES[self.opts.dtype], key)
+        self.writer.write(key, tensor)
+
     def merge_module(self, data: ModuleData) -> None:
         """Transform, check and write one module of this merge from the pass's shared ``data``."""
         assert self.writer is not None
@@ -826,28 +832,32 @@ def run_pass(base: Base, jobs: list[MergeJob], progress: Callable[[int, int], No
         reader = base.reader
         total = len(reader.tensors)
         module_of = {k: path for path, m in base.modules.items() for k in m.keys}
-        pending: dict[str, list] = {}  # module path -> [its data, keys of it not yet passed]
+        merged: set[str] = set()
         for done, key in enumerate(reader.tensors, start=1):
             path = module_of.get(key)
-            data = None
-            if path is not None and any(e.merger.owner.get(key) for e in live):
-                if path not in pending:  # read once, for every merge that transforms or copies it
-                    pending[path] = [ModuleData(base.modules[path], reader), len(base.modules[path].keys)]
-                data = pending[path][0]
+            # A transformed module is read, merged, checked and written whole at its first key (for every merge
+            # that transforms it), then dropped: memory holds one module at a time, whatever the key order.
+            owners = [e for e in live if e.merger.owner.get(key)] if path is not None else []
+            if owners and path not in merged:
+                merged.add(path)
+                data = ModuleData(base.modules[path], reader)
+                for entry in list(live):
+                    try:
+                        if entry in owners:
+                            entry.merger.merge_module(data)
+                        else:  # the merges that keep this module as it is take it from the same read
+                            for k in data.module.keys:
+                                entry.merger.copy(k, data.tensors[k])
+                    except IA3ConvertError as exc:
+                        fail(entry, exc)
+                del data
             copiers = []
-            for entry in list(live):
-                owner = entry.merger.owner.get(key)
+            for entry in list(live) if path not in merged else []:  # (a merged module is written whole)
                 try:
-                    if owner is None:
-                        if entry.merger.needs_own_copy(key):
-                            entry.merger.cast_copy(key)
-                        elif data is not None:
-                            entry.merger.writer.write(key, data.tensors[key])
-                        else:
-                            copiers.append(entry)
-                    elif owner not in entry.merger.done:
-                        entry.merger.done.add(owner)
-                        entry.merger.merge_module(data)
+                    if entry.merger.needs_own_copy(key):
+                        entry.merger.cast_copy(key)
+                    else:
+                        copiers.append(entry)
                 except IA3ConvertError as exc:
                     fail(entry, exc)
             if copiers:
@@ -856,10 +866,6 @@ def run_pass(base: Base, jobs: list[MergeJob], progress: Callable[[int, int], No
                 except IA3ConvertError as exc:
                     for entry in copiers:
                         fail(entry, exc)
-            if path in pending:
-                pending[path][1] -= 1
-                if not pending[path][1]:
-                    del pending[path]
             if progress is not None:
                 progress(done, total)
         for entry in list(live):

@@ -129,7 +129,9 @@ def build_layer(kind: str, tensors: dict[str, torch.Tensor], prefix: str, in_fea
             layer = nn.Linear(in_features, out_features, bias=bias is not None)
         layer.weight = nn.Parameter((weight.t() if transposed else weight).float().contiguous(), requires_grad=False)
     elif kind == "int8":
-        import bitsandbytes as bnb
+        from .imports import bitsandbytes
+
+        bnb = bitsandbytes()
 
         with torch.device("meta"):
             layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
@@ -137,7 +139,9 @@ def build_layer(kind: str, tensors: dict[str, torch.Tensor], prefix: str, in_fea
         codes, scb = weight.clone(), tensors[f"{prefix}.SCB"].clone()
         layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scb)
     else:
-        import bitsandbytes as bnb
+        from .imports import bitsandbytes
+
+        bnb = bitsandbytes()
 
         stats = {k[len(prefix) + len(".weight."):]: v for k, v in tensors.items()
                  if k.startswith(f"{prefix}.weight.")}

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..imports import bnb_functional
 from . import fast
 
 STATE_PREFIX = "quant_state.bitsandbytes__"
@@ -52,9 +53,7 @@ class Packed4bit:
 
     def quant_state(self):
         """bitsandbytes' QuantState for these statistics (from a copy: ``from_dict`` mutates its input)."""
-        from bitsandbytes.functional import QuantState
-
-        return QuantState.from_dict(dict(self.stats), device=torch.device("cpu"))
+        return bnb_functional().QuantState.from_dict(dict(self.stats), device=torch.device("cpu"))
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Checkpoint tensors under ``<prefix>`` (``<module>.weight``)."""
@@ -68,7 +67,7 @@ def _from_state(codes: torch.Tensor, state) -> Packed4bit:
 def decode(packed: Packed4bit) -> torch.Tensor:
     """The float32 weight ``[out, in]``: bitsandbytes' dequantization computed in float32 (code * absmax,
     without the rounding to the stored dtype that would add error to a float32 output)."""
-    import bitsandbytes.functional as F
+    F = bnb_functional()
 
     state = packed.quant_state()
     state.dtype = torch.float32
@@ -81,7 +80,7 @@ def encode(weight: torch.Tensor, quant_type: str, blocksize: int = 64, nested: b
     bitsandbytes' ``quantize_4bit`` with uint8 storage. On CPU the codes and absmax come from
     ``fast.quantize_4bit`` (the same bytes, several times faster: bitsandbytes has no CPU kernel for this);
     the nesting of the absmax and the quant state are bitsandbytes' own."""
-    import bitsandbytes.functional as F
+    F = bnb_functional()
 
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"invalid blocksize {blocksize}: bitsandbytes takes {BLOCKSIZES}")
@@ -106,7 +105,7 @@ def encode(weight: torch.Tensor, quant_type: str, blocksize: int = 64, nested: b
 
 def absmax(packed: Packed4bit) -> torch.Tensor:
     """The float32 per-block absmax, de-nested if needed (as bitsandbytes computes it when dequantizing)."""
-    import bitsandbytes.functional as F
+    F = bnb_functional()
 
     state = packed.quant_state()
     if not state.nested:
@@ -127,7 +126,7 @@ def denest(packed: Packed4bit) -> Packed4bit:
 def renest(packed: Packed4bit) -> Packed4bit:
     """Nest a float32 absmax again, as bitsandbytes' ``quantize_4bit`` does (mean offset, 8-bit blocks of 256).
     Not exact: the absmax is itself quantized."""
-    import bitsandbytes.functional as F
+    F = bnb_functional()
 
     if packed.nested:
         return packed

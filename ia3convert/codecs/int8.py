@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..imports import bnb_functional
 from . import fast
 
 INV_127 = 7.874015718698502e-3
@@ -27,7 +28,7 @@ def encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     half = weight.detach().to(torch.float16)
     if half.device.type == "cpu":
         return fast.quantize_int8_rows(half)
-    import bitsandbytes.functional as F  # bitsandbytes' native kernels
+    F = bnb_functional()  # bitsandbytes' native kernels
 
     codes, scb, _ = F.int8_vectorwise_quant(half.contiguous())
     zero = scb == 0
