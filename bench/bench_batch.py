@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_merge import PY, build_inputs, make_adapter, run_measured
+from bench_merge import PY, Shape, build_inputs, make_adapter, run_measured
 
 
 def main() -> None:
@@ -36,7 +36,8 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ia3convert-bench-batch-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        fbase, qbase, _ = build_inputs(work, args)
+        shape = Shape(args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab)
+        fbase, qbase, _ = build_inputs(work, shape, args.storage)
         adapters = []
         for number in range(max(args.counts)):
             folder = work / f"adapter-{number}"

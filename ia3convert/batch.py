@@ -27,7 +27,7 @@ from .errors import AdapterError, IA3ConvertError
 ACTIONS = ("merge", "validate", "resave")
 # Job fields that are merge options (passed to MergeOptions under the same names).
 MERGE_OPTIONS = ("quantize", "double_quant", "dtype", "renest", "requantize", "fold", "check", "max_error",
-                 "probe_tokens", "check_sample", "max_shard_size", "force")
+                 "probe_tokens", "check_sample", "device", "max_shard_size", "force")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class Job:
     max_error: float | None = None
     probe_tokens: int = 32
     check_sample: int = 512
+    device: str = "cpu"
     max_shard_size: str = "5GB"
     force: bool = False
 

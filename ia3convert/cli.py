@@ -110,6 +110,9 @@ def wrap(base: str, adapter: str, adapter_name: str | None, prompt: str, as_json
 @click.option("--check-sample", type=click.IntRange(min=0), default=512, show_default=True,
               help="Output rows (fold paths: channels) each module's check compares, drawn at random plus the "
                    "rows with special scales; 0 checks every row.")
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]|auto",
+              help="Where decoding, scaling, encoding and the check run (cuda: bitsandbytes' CUDA kernels; auto: "
+                   "CUDA when there is a GPU).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table, only errors.")
@@ -122,7 +125,8 @@ def wrap(base: str, adapter: str, adapter_name: str | None, prompt: str, as_json
               help="With --push-to: Hub endpoint (default: HF_ENDPOINT, else https://huggingface.co).")
 def merge(base: str, adapter: str, out: str, adapter_name: str | None, quantize: str | None, double_quant: bool,
           dtype: str | None, renest: bool, requantize: bool, fold: bool, check: bool, max_error: float | None,
-          probe_tokens: int, probe_scale: float, check_sample: int, max_shard_size: str, force: bool, quiet: bool,
+          probe_tokens: int, probe_scale: float, check_sample: int, device: str, max_shard_size: str, force: bool,
+          quiet: bool,
           as_json: bool, push_to: str | None, private: bool | None, token: str | None, base_model_id: str | None,
           endpoint: str | None) -> None:
     """Merge ADAPTER into BASE and write a self-contained model to OUT.
@@ -148,7 +152,7 @@ def merge(base: str, adapter: str, out: str, adapter_name: str | None, quantize:
         report = run_merge(base, adapter, out, adapter_name=adapter_name, quantize=quantize,
                            double_quant=double_quant, dtype=dtype, renest=renest, requantize=requantize,
                            fold=fold, check=check, max_error=max_error, probe_tokens=probe_tokens,
-                           probe_scale=probe_scale, check_sample=check_sample,
+                           probe_scale=probe_scale, check_sample=check_sample, device=device,
                            max_shard_size=max_shard_size, force=force,
                            progress=None if quiet or as_json or not sys.stderr.isatty() else progress)
     except MergeCheckError as exc:

@@ -76,6 +76,7 @@ class MergeOptions:
     probe_tokens: int = 32
     probe_scale: float = 1.0
     check_sample: int = 512
+    device: str = "cpu"
     fold: bool = True
     seed: int = 0
     max_shard_size: str | int = "5GB"
@@ -97,6 +98,27 @@ class MergeOptions:
             raise OutputError("--probe-tokens must be at least 1", hint="the default is 32")
         if self.check_sample < 0:
             raise OutputError("--check-sample must be 0 (every row) or more", hint="the default is 512")
+        resolve_device(self.device)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Where decoding, scaling, encoding and the check run: ``cpu``, ``cuda[:N]`` (bitsandbytes' CUDA kernels),
+    or ``auto`` (CUDA when this machine has it, else the CPU). A device that is not here is refused."""
+    wanted = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    try:
+        device = torch.device(wanted)
+    except (RuntimeError, TypeError):
+        raise OutputError(f"--device {name!r} is not a device", hint="pick cpu, cuda or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise OutputError(f"--device {name!r}: only cpu and cuda are supported", hint="pick cpu, cuda or auto")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise OutputError(f"--device {name}: no such CUDA device here",
+                          hint="use --device cpu, or auto to take a GPU only when there is one")
+    return device
 
 
 @dataclass
@@ -416,7 +438,7 @@ def check_module(step: Step, tensors: dict[str, torch.Tensor], outputs: dict[str
     transposed = out_kind == "float" and m.conv1d
     cut, n_in, n_out = restrict(out_kind, outputs, p, m.in_features, m.out_features, transposed, rows, None)
     candidate = build_layer(out_kind, cut, p, n_in, n_out, transposed, threshold)
-    x = probes(p, m.in_features, opts.probe_tokens, opts.probe_scale, opts.seed)
+    x = probes(p, m.in_features, opts.probe_tokens, opts.probe_scale, opts.seed, opts.torch_device)
     return (*compare(truth, candidate, x), n_out)
 
 
@@ -537,9 +559,9 @@ class ModuleData:
     """One module's stored tensors, read once, and its float32 weight, decoded at most once, for every merge of
     a pass."""
 
-    def __init__(self, module: Module, reader: CheckpointReader) -> None:
+    def __init__(self, module: Module, reader: CheckpointReader, device: torch.device | None = None) -> None:
         self.module = module
-        self.tensors = {k: reader.get(k) for k in module.keys}
+        self.tensors = {k: reader.get(k).to(device or "cpu") for k in module.keys}
         self._weight: torch.Tensor | None = None
 
     def weight(self) -> torch.Tensor:
@@ -711,7 +733,8 @@ class Merger:
             module = self.modules[path]
             kind = module.kind  # folds happen only when the output keeps the base's storage
             rows, cols = cut.get(role, (None, None))
-            tensors, n_in, n_out = restrict(kind, {k: reader.get(k) for k in keys_of[path]}, path,
+            device = self.opts.torch_device
+            tensors, n_in, n_out = restrict(kind, {k: reader.get(k).to(device) for k in keys_of[path]}, path,
                                             module.in_features, module.out_features, module.transposed, rows, cols)
             layer = build_layer(kind, tensors, path, n_in, n_out, module.transposed, self.threshold)
             if truth:
@@ -840,7 +863,7 @@ def run_pass(base: Base, jobs: list[MergeJob], progress: Callable[[int, int], No
             owners = [e for e in live if e.merger.owner.get(key)] if path is not None else []
             if owners and path not in merged:
                 merged.add(path)
-                data = ModuleData(base.modules[path], reader)
+                data = ModuleData(base.modules[path], reader, owners[0].job.opts.torch_device)
                 for entry in list(live):
                     try:
                         if entry in owners:
@@ -906,7 +929,7 @@ def _write_config_and_extras(base: Base, opts: MergeOptions, tmp: Path) -> None:
 def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, adapter_name: str | None = None,
           quantize: str | None = None, double_quant: bool = False, dtype: str | None = None, renest: bool = False,
           requantize: bool = False, check: bool = True, max_error: float | None = None, probe_tokens: int = 32,
-          probe_scale: float = 1.0, check_sample: int = 512, seed: int = 0, fold: bool = True,
+          probe_scale: float = 1.0, check_sample: int = 512, device: str = "cpu", seed: int = 0, fold: bool = True,
           max_shard_size: str | int = "5GB",
           force: bool = False, progress: Callable[[int, int], None] | None = None) -> MergeReport:
     """Merge an IA3 adapter into a base checkpoint and write a self-contained model to ``out``.
@@ -923,7 +946,8 @@ def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, a
     Every merged module is checked against the IA3-wrapped original layer on ``probe_tokens`` seeded inputs,
     over ``check_sample`` of its output rows (fold paths: channels; drawn at random, plus the rows whose scales
     are extreme, zero or negative; 0 = every row); an error above ``max_error`` (default: per transform kind)
-    raises ``MergeCheckError`` and writes nothing.
+    raises ``MergeCheckError`` and writes nothing. ``device`` ("cpu", "cuda[:N]", "auto") is where modules are
+    decoded, scaled, encoded and checked (on CUDA with bitsandbytes' own kernels).
     The output is built in a temporary sibling of ``out`` and renamed into place only when complete; an
     existing ``out`` is replaced only with ``force``. Returns the report (also saved as merge_report.json).
     Several adapters into one base: ``ia3convert.batch.run_batch`` reads the base once for all of them.
@@ -932,7 +956,8 @@ def merge(base: str | Path, adapter: str | Path | Adapter, out: str | Path, *, a
 
     opts = MergeOptions(adapter_name=adapter_name, quantize=quantize, double_quant=double_quant, dtype=dtype,
                         renest=renest, requantize=requantize, check=check, max_error=max_error,
-                        probe_tokens=probe_tokens, probe_scale=probe_scale, check_sample=check_sample, seed=seed,
+                        probe_tokens=probe_tokens, probe_scale=probe_scale, check_sample=check_sample, device=device,
+                        seed=seed,
                         fold=fold,
                         max_shard_size=max_shard_size, force=force)
     opts.validate()

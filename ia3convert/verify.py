@@ -148,7 +148,7 @@ def build_layer(kind: str, tensors: dict[str, torch.Tensor], prefix: str, in_fea
         with torch.device("meta"):
             layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=torch.float32)
         layer.weight = bnb.nn.Params4bit.from_prequantized(data=weight, quantized_stats=stats, requires_grad=False,
-                                                           device="cpu", module=layer)
+                                                           device=weight.device, module=layer)
     if bias is not None:
         layer.bias = nn.Parameter(bias.float(), requires_grad=False)
     return layer.eval()
@@ -163,7 +163,7 @@ class _RowScaled(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)
-        return (y * self.rows).to(y.dtype)
+        return (y * self.rows.to(y.device)).to(y.dtype)
 
 
 def ia3_truth(layer: nn.Module, kind: str, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
@@ -183,10 +183,12 @@ def ia3_truth(layer: nn.Module, kind: str, rows: torch.Tensor | None, cols: torc
     return truth
 
 
-def probes(path: str, in_features: int, tokens: int, scale: float, seed: int) -> torch.Tensor:
-    """Seeded normal inputs for one module (the seed mixes in the module path, so modules differ)."""
+def probes(path: str, in_features: int, tokens: int, scale: float, seed: int,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """Seeded normal inputs for one module (the seed mixes in the module path, so modules differ); drawn on
+    the CPU, so that they are the same whatever ``device`` the check runs on."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
-    return torch.randn(tokens, in_features, generator=generator) * scale
+    return (torch.randn(tokens, in_features, generator=generator) * scale).to(device)
 
 
 def compare(truth: Callable[[torch.Tensor], torch.Tensor], candidate: Callable[[torch.Tensor], torch.Tensor],
@@ -213,7 +215,8 @@ def _mix_heads(values: torch.Tensor, heads: tuple[int, int, int], seed: int) -> 
     outputs = []
     for head in range(num_heads):
         kv = head // group
-        probs = torch.softmax(torch.randn(tokens, tokens, generator=generator), dim=-1).to(values.dtype)
+        probs = torch.softmax(torch.randn(tokens, tokens, generator=generator), dim=-1).to(values.device,
+                                                                                         values.dtype)
         outputs.append(probs @ values[:, kv * head_dim:(kv + 1) * head_dim])
     return torch.cat(outputs, dim=-1)
 
@@ -242,7 +245,7 @@ def fold_path(fold, layers: dict[str, nn.Module], x: torch.Tensor, seed: int,
 def check_fold(fold, truth: dict[str, nn.Module], merged: dict[str, nn.Module], in_features: int,
                opts) -> tuple[float, float]:
     """(relative, max-abs) error of the merged path against the IA3-wrapped original path on the same probes."""
-    x = probes(fold.consumer, in_features, opts.probe_tokens, opts.probe_scale, opts.seed)
+    x = probes(fold.consumer, in_features, opts.probe_tokens, opts.probe_scale, opts.seed, opts.torch_device)
     gate_out = None
     if "gate" in truth and "gate" in merged and truth["gate"] is merged["gate"]:
         with torch.no_grad():

@@ -13,7 +13,8 @@ def scale(weight: torch.Tensor, vector: torch.Tensor, rows: bool, where: str) ->
     The product is formed in float32 and checked for infinities after the cast to the storage dtype (an
     fp16 weight can overflow where the float32 product does not).
     """
-    factor = vector.float().reshape(-1, 1) if rows else vector.float().reshape(1, -1)
+    factor = vector.to(weight.device, torch.float32)
+    factor = factor.reshape(-1, 1) if rows else factor.reshape(1, -1)
     result = (weight.float() * factor).to(weight.dtype)
     if not torch.isfinite(result).all() and torch.isfinite(weight).all():
         raise TargetError(f"{where}: merged values overflow {str(weight.dtype).removeprefix('torch.')}",

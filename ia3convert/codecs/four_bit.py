@@ -53,7 +53,7 @@ class Packed4bit:
 
     def quant_state(self):
         """bitsandbytes' QuantState for these statistics (from a copy: ``from_dict`` mutates its input)."""
-        return bnb_functional().QuantState.from_dict(dict(self.stats), device=torch.device("cpu"))
+        return bnb_functional().QuantState.from_dict(dict(self.stats), device=self.codes.device)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Checkpoint tensors under ``<prefix>`` (``<module>.weight``)."""
@@ -154,6 +154,7 @@ def fold_rows(packed: Packed4bit, vector: torch.Tensor) -> Packed4bit:
     _, in_features = packed.shape
     plain = denest(packed)
     state = plain.quant_state()
-    per_block = vector.float().reshape(-1).repeat_interleave(in_features // packed.blocksize)
+    per_block = vector.to(plain.codes.device, torch.float32).reshape(-1).repeat_interleave(
+        in_features // packed.blocksize)
     state.absmax = state.absmax.float() * per_block
     return _from_state(plain.codes, state)

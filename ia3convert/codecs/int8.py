@@ -42,7 +42,7 @@ def fold_rows(codes: torch.Tensor, scb: torch.Tensor, vector: torch.Tensor) -> t
 
     Codes lie in [-127, 127], so negation never overflows. No requantization happens.
     """
-    factor = vector.float().reshape(-1)
+    factor = vector.to(scb.device, torch.float32).reshape(-1)
     new_scb = scb.float() * factor.abs()
     negative = factor < 0
     new_codes = torch.where(negative[:, None], -codes, codes) if negative.any() else codes
