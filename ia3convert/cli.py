@@ -7,6 +7,7 @@ User mistakes end in one line on stderr, ``error: <what> (<fix>)``, and the exit
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -31,19 +32,28 @@ class _Group(click.Group):
             ctx.exit(exc.exit_code)
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(import_transformers: bool = True) -> None:
     """No progress bars or per-call warnings from the libraries underneath: our output is the report. Also
-    returns freed large blocks to the system (see ``memory``), for every command that loads tensors."""
+    returns freed large blocks to the system (see ``memory``), for every command that loads tensors.
+
+    ``import_transformers=False`` (merge, batch: a quantized base merges without transformers) leaves
+    transformers unimported and quiets it through its environment variable, should it be imported later."""
     import logging
 
-    import transformers
+    from huggingface_hub.utils import disable_progress_bars
 
     from .memory import return_large_blocks
 
     return_large_blocks()
+    disable_progress_bars()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if not import_transformers and "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        return
+    import transformers
+
     transformers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -138,7 +148,7 @@ def merge(base: str, adapter: str, out: str, adapter_name: str | None, quantize:
     from .errors import MergeCheckError
     from .merging import merge as run_merge
 
-    _quiet_libraries()
+    _quiet_libraries(import_transformers=False)
     bar = None
 
     def progress(done: int, total: int) -> None:
@@ -317,7 +327,7 @@ def batch(manifest: str, workers: int, resume: bool, stop_on_error: bool, quiet:
 
     from .batch import load_manifest, run_batch
 
-    _quiet_libraries()
+    _quiet_libraries(import_transformers=False)
     jobs = load_manifest(manifest)
     options = dict(on_error="stop" if stop_on_error else "continue", resume=resume, progress=not (quiet or as_json))
     if workers > 1:

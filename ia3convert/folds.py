@@ -70,6 +70,16 @@ RULES: dict[str, tuple[Rule, ...]] = {
 }
 
 
+def fold_partners(model_type: str | None, consumer: str) -> list[str]:
+    """Every module a fold of ``consumer`` could involve (producers and gates of the rules naming it)."""
+    partners = []
+    for rule in RULES.get(model_type or "", ()):
+        if consumer == rule.consumer or consumer.endswith("." + rule.consumer):
+            prefix = consumer[: len(consumer) - len(rule.consumer)]
+            partners += [prefix + rule.producer] + ([prefix + rule.gate] if rule.gate else [])
+    return partners
+
+
 @dataclass
 class Fold:
     """An accepted fold: ``vector[i]`` scales row ``index[i]`` of ``producer`` instead of ``consumer``'s input.

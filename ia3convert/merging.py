@@ -41,9 +41,10 @@ from .checkpoint import (
 )
 from .codecs import floating, four_bit, int8
 from .errors import AdapterError, CheckpointError, IA3ConvertError, MergeCheckError, OutputError, TargetError
-from .folds import Fold, find_fold
+from .folds import Fold, find_fold, fold_partners
+from .memory import trim
 from .sampling import restrict, sample, special_indices
-from .skeleton import build_skeleton, linear_modules, modules_to_quantize
+from .skeleton import build_skeleton, lean_config, linear_modules, modules_to_quantize, quantized_modules
 from .verify import (
     MergeReport,
     ModuleReport,
@@ -541,13 +542,41 @@ class Base:
     reader: CheckpointReader
     modules: dict[str, Module]
     config: Any
+    skeleton: bool = True  # modules and config come from transformers' model class (else: see ``open``)
 
     @classmethod
     def open(cls, path: Path) -> Base:
+        """Headers, config and Linear modules of the base. A quantized base of a ``LEAN_TYPES`` model is read
+        without transformers: its quantized modules are known from their statistics and its config from
+        config.json; ``complete`` adds transformers' view when a merge needs more (a float module, a Conv1D's
+        orientation, --quantize / --dtype)."""
         reader = CheckpointReader(path)
         check_base_storage(reader)
+        raw = lean_config(reader.config)
+        if raw is not None:
+            return cls(path, reader, find_modules(reader, quantized_modules(reader.tensors)), raw, skeleton=False)
         skeleton = build_skeleton(path)
         return cls(path, reader, find_modules(reader, linear_modules(skeleton)), skeleton.config)
+
+    def complete(self) -> None:
+        """Every Linear/Conv1D of the model, and its transformers config, from the skeleton (in place: merges
+        planned before see the same modules)."""
+        if self.skeleton:
+            return
+        skeleton = build_skeleton(self.path)
+        self.modules.clear()
+        self.modules.update(find_modules(self.reader, linear_modules(skeleton)))
+        self.config, self.skeleton = skeleton.config, True
+
+    def needs_skeleton(self, adapter: Adapter, opts: MergeOptions) -> bool:
+        """True when this merge involves a module the lean view cannot judge: a stored weight that is not
+        quantized (float Linear, Conv1D or not a Linear at all), or a float output."""
+        if opts.dtype or opts.quantize:
+            return True
+        model_type = getattr(self.config, "model_type", None)
+        paths = [*adapter.vectors, *(p for c in adapter.vectors if adapter.is_feedforward(c)
+                                     for p in fold_partners(model_type, c))]
+        return any(p not in self.modules and f"{p}.weight" in self.reader for p in paths)
 
     def quantize_set(self, opts: MergeOptions) -> set[str]:
         """The modules transformers would quantize with ``opts.quantize`` (a fresh skeleton: the look-up
@@ -579,6 +608,8 @@ class Merger:
         if opts.quantize and self.reader.quantization_config:
             raise OutputError(f"--quantize {opts.quantize}: the base {base.path} is already quantized",
                               hint="merge it as it is (no --quantize), or write floats with --dtype")
+        if base.needs_skeleton(adapter, opts):
+            base.complete()
         self.modules = base.modules
         check_adapter_fits(adapter, self.modules, base.path)
         quantize_set = base.quantize_set(opts)
@@ -696,6 +727,7 @@ class Merger:
                     item.rel_error, item.max_abs_error = errors
                     item.limit = limit if item.limit is None else min(item.limit, limit)
                     item.rows_checked = self.modules[consumer].in_features if channels is None else channels.numel()
+                trim()
         report.modules = [self.entries[p] for p in sorted(self.entries)]
 
     def _fold_sample(self, fold: Fold) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
@@ -855,14 +887,21 @@ def run_pass(base: Base, jobs: list[MergeJob], progress: Callable[[int, int], No
         reader = base.reader
         total = len(reader.tensors)
         module_of = {k: path for path, m in base.modules.items() for k in m.keys}
-        merged: set[str] = set()
-        for done, key in enumerate(reader.tensors, start=1):
-            path = module_of.get(key)
-            # A transformed module is read, merged, checked and written whole at its first key (for every merge
-            # that transforms it), then dropped: memory holds one module at a time, whatever the key order.
-            owners = [e for e in live if e.merger.owner.get(key)] if path is not None else []
-            if owners and path not in merged:
-                merged.add(path)
+        touched = {module_of[k] for e in live for k in e.merger.owner}
+        done = 0
+        # First every tensor outside the transformed modules: the copies queue on the I/O thread and proceed
+        # (in the kernel, GIL-free) while the modules below are decoded, merged and checked.
+        for key in reader.tensors:
+            if module_of.get(key) not in touched:
+                _copy_everywhere(reader, key, live, fail)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        # Then each transformed module: read once, merged, checked and written whole for every merge, then
+        # dropped: memory holds one module at a time.
+        for path in sorted(touched, key=lambda p: reader.tensors[base.modules[p].keys[0]].start):
+            owners = [e for e in live if e.merger.owner.get(base.modules[path].keys[0])]
+            if owners:
                 data = ModuleData(base.modules[path], reader, owners[0].job.opts.torch_device)
                 for entry in list(live):
                     try:
@@ -874,21 +913,11 @@ def run_pass(base: Base, jobs: list[MergeJob], progress: Callable[[int, int], No
                     except IA3ConvertError as exc:
                         fail(entry, exc)
                 del data
-            copiers = []
-            for entry in list(live) if path not in merged else []:  # (a merged module is written whole)
-                try:
-                    if entry.merger.needs_own_copy(key):
-                        entry.merger.cast_copy(key)
-                    else:
-                        copiers.append(entry)
-                except IA3ConvertError as exc:
-                    fail(entry, exc)
-            if copiers:
-                try:
-                    reader.copy_to([e.merger.writer for e in copiers], key)
-                except IA3ConvertError as exc:
-                    for entry in copiers:
-                        fail(entry, exc)
+                trim()
+            else:  # the merges that transform it have failed
+                for k in base.modules[path].keys:
+                    _copy_everywhere(reader, k, live, fail)
+            done += len(base.modules[path].keys)
             if progress is not None:
                 progress(done, total)
         for entry in list(live):
@@ -912,6 +941,26 @@ def run_pass(base: Base, jobs: list[MergeJob], progress: Callable[[int, int], No
         raise
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
+
+
+def _copy_everywhere(reader: CheckpointReader, key: str, live: list[_Live],
+                     fail: Callable[[_Live, IA3ConvertError], None]) -> None:
+    """An untouched tensor into every live merge's output: bytes copied from one read, or cast (--dtype)."""
+    copiers = []
+    for entry in list(live):
+        try:
+            if entry.merger.needs_own_copy(key):
+                entry.merger.cast_copy(key)
+            else:
+                copiers.append(entry)
+        except IA3ConvertError as exc:
+            fail(entry, exc)
+    if copiers:
+        try:
+            reader.copy_to([e.merger.writer for e in copiers], key)
+        except IA3ConvertError as exc:
+            for entry in copiers:
+                fail(entry, exc)
 
 
 def _write_config_and_extras(base: Base, opts: MergeOptions, tmp: Path) -> None:

@@ -7,13 +7,52 @@ the choice of modules to quantize is made by transformers' own functions, so it 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError
 from .layers import _is_conv1d
+
+# Model types whose fold rules need only what config.json always holds for them (model_type, heads, KV heads,
+# activation names): a quantized base of these types merges without importing transformers (see ``lean``).
+LEAN_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"})
+
+
+class RawConfig:
+    """config.json's values as attributes (None where absent): what the folds read of a ``LEAN_TYPES`` model,
+    without importing transformers (seconds and ~100 MB) to build its config class."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._values.get(name)
+
+
+def lean_config(config: dict[str, Any]) -> RawConfig | None:
+    """A ``RawConfig`` when this quantized model's structure can be read without transformers, else None."""
+    if not config.get("quantization_config") or config.get("model_type") not in LEAN_TYPES \
+            or not isinstance(config.get("num_attention_heads"), int):
+        return None
+    return RawConfig(config)
+
+
+def quantized_modules(tensor_keys: Iterable[str]) -> dict[str, bool]:
+    """The bitsandbytes-quantized Linear modules of a checkpoint, known from their stored statistics (``SCB``
+    for int8, a quant state for 4-bit), in the form of ``linear_modules`` (none is a float Conv1D)."""
+    found = {}
+    for key in tensor_keys:
+        if key.endswith(".SCB"):
+            found[key[: -len(".SCB")]] = False
+        elif ".weight.quant_state.bitsandbytes__" in key:
+            found[key.split(".weight.quant_state.")[0]] = False
+    return found
 
 
 def build_skeleton(path: str | Path) -> nn.Module:

@@ -221,19 +221,37 @@ def _mix_heads(values: torch.Tensor, heads: tuple[int, int, int], seed: int) -> 
     return torch.cat(outputs, dim=-1)
 
 
+# transformers' activations that are exactly these torch functions (tested against ``ACT2FN``): no need to
+# import transformers for them.
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": nn.functional.silu,
+    "swish": nn.functional.silu,
+    "relu": nn.functional.relu,
+    "gelu": nn.functional.gelu,
+    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' activation function of that name (``ACT2FN``)."""
+    if name in _ACTIVATIONS:
+        return _ACTIVATIONS[name]
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
 def fold_path(fold, layers: dict[str, nn.Module], x: torch.Tensor, seed: int,
               gate_out: torch.Tensor | None = None) -> torch.Tensor:
     """The consumer's input path for a fold: producer (and gate), the activation or product or attention mixing
     in between, then the consumer. ``gate_out`` is the gate's output when already computed (it does not change)."""
-    from transformers.activations import ACT2FN
-
     produced = layers["producer"](x)
     if fold.kind == "attention":
         middle = _mix_heads(produced[:, fold.index], fold.heads, seed)
     elif fold.kind == "activation":
-        middle = ACT2FN[fold.activation](produced)
+        middle = activation(fold.activation)(produced)
     else:
-        act = ACT2FN[fold.activation or "silu"]
+        act = activation(fold.activation or "silu")
         if fold.part == "second-half":
             gate, up = produced.chunk(2, dim=-1)
         else:
