@@ -75,6 +75,7 @@ def build_inputs(work: Path, shape: Shape, storage: str) -> tuple[Path, Path, Pa
         import torch, transformers
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         torch.manual_seed(0)
         cfg = LlamaConfig(hidden_size={shape.hidden}, intermediate_size={shape.intermediate},
                           num_hidden_layers={shape.layers}, num_attention_heads={shape.heads},

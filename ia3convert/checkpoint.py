@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -32,6 +33,7 @@ from .errors import CheckpointError, OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MAP_MIN = 1 << 20  # tensors from this size up are memory-mapped by ``CheckpointReader.get``
 # errno values of copy_file_range meaning "not between these files here": fall back to read and write.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on header size
@@ -164,14 +166,16 @@ class CheckpointReader:
         return key in self.tensors
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor, read from disk now into its own memory.
-
-        Plain reads, not a memory map: mapped pages of a large checkpoint would stay resident and count
-        against the process for the whole merge.
-        """
+        """One tensor. From ``MAP_MIN`` bytes up, a copy-on-write memory map of just its byte range: nothing is
+        copied, only the pages a computation touches are read (a sampled check reads a few rows of a large
+        layer), and the mapping goes, with its pages, when the tensor is dropped, so that mapped memory never
+        exceeds the tensors in use. Smaller tensors are read into their own memory."""
         info = self.tensors[key]
         if not info.nbytes:
             return torch.empty(info.shape, dtype=info.torch_dtype)
+        if info.nbytes >= MAP_MIN:
+            self.bytes_read += info.nbytes
+            return self._mapped(key, info)
         buffer = bytearray(info.nbytes)
         with open(info.file, "rb") as f:
             f.seek(info.start)
@@ -180,6 +184,19 @@ class CheckpointReader:
                                       hint="the file changed or is truncated")
         self.bytes_read += info.nbytes
         return torch.frombuffer(buffer, dtype=info.torch_dtype).reshape(info.shape)
+
+    @staticmethod
+    def _mapped(key: str, info: TensorInfo) -> torch.Tensor:
+        start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(info.file, "rb") as f:
+                region = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_COPY, offset=start)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{info.file}: cannot map {key} ({exc})",
+                                  hint="the file changed or is truncated") from None
+        count = math.prod(info.shape)
+        return torch.frombuffer(region, dtype=info.torch_dtype, count=count,
+                                offset=info.start - start).reshape(info.shape)
 
     def copy_to(self, writers: list[StreamingWriter], key: str) -> None:
         """Copy a stored tensor, unchanged, into every writer from one read (counted in ``bytes_read``)."""

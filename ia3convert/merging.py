@@ -18,6 +18,7 @@ The output is written into a temporary sibling of OUT and renamed into place onl
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -46,6 +47,7 @@ from .memory import trim
 from .sampling import restrict, sample, special_indices
 from .skeleton import build_skeleton, lean_config, linear_modules, modules_to_quantize, quantized_modules
 from .verify import (
+    DEFAULT_LIMITS,
     MergeReport,
     ModuleReport,
     build_layer,
@@ -322,11 +324,12 @@ def _plan_outputs(step: Step, opts: MergeOptions, reader: CheckpointReader) -> l
     return plans + bias_plan
 
 
-def _scale_both(weight: torch.Tensor, step: Step, transposed: bool = False) -> torch.Tensor:
-    """``weight`` ([out, in], or [in, out] when ``transposed``) with the step's row and column factors."""
+def _scale_both(weight: torch.Tensor, step: Step, transposed: bool = False, span: slice = slice(None)) -> torch.Tensor:
+    """``weight`` ([out, in], or [in, out] when ``transposed``) with the step's row and column factors; ``span``:
+    the rows of the module that ``weight`` holds (a chunk)."""
     where = step.module.path
     if step.rows is not None:
-        weight = floating.scale(weight, step.rows, rows=not transposed, where=where)
+        weight = floating.scale(weight, step.rows[span], rows=not transposed, where=where)
     if step.cols is not None:
         weight = floating.scale(weight, step.cols, rows=transposed, where=where)
     return weight
@@ -360,12 +363,16 @@ def transform_module(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOp
     """The module's output tensors (keys as planned) from its stored ``tensors``. Pure: no file access.
 
     ``weight`` returns the decoded float32 weight ([out, in]); a batch passes one that decodes once and serves
-    every adapter merged into the same base.
+    every adapter merged into the same base. Without it, a large weight that is re-encoded is processed in row
+    chunks (``_transform_in_chunks``).
     """
     m, p = step.module, step.module.path
+    chunk_rows = None if weight is not None else _chunk_rows(step, tensors, opts)
     if weight is None:
         def weight() -> torch.Tensor:
             return _decode(m, tensors)
+    if chunk_rows is not None:
+        return _transform_in_chunks(step, tensors, opts, chunk_rows)
     out: dict[str, torch.Tensor] = {}
     bias = tensors.get(f"{p}.bias")
     if step.out_kind == "float":
@@ -411,6 +418,72 @@ def transform_module(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOp
         merged = four_bit.encode(_scale_both(weight(), step), info["quant_type"], int(info["blocksize"]),
                                  packed.nested, dtype=getattr(torch, info["dtype"]))
     out.update(merged.tensors(f"{p}.weight"))
+    return out
+
+
+CHUNK_ELEMENTS = 1 << 23  # a re-encoded weight is decoded, scaled and encoded this many elements at a time
+
+
+def _chunk_rows(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOptions) -> int | None:
+    """Rows per chunk when this step re-encodes a weight larger than ``CHUNK_ELEMENTS`` on the CPU (whole
+    4-bit blocks per chunk), or None to transform it whole."""
+    m = step.module
+    elements = m.in_features * m.out_features
+    requantize = step.transform == "requantize" and step.out_kind == "same"
+    if not (step.transform == "quantize" or requantize) or elements <= CHUNK_ELEMENTS \
+            or tensors[f"{m.path}.weight"].device.type != "cpu":
+        return None
+    out_kind = m.kind if step.out_kind == "same" else step.out_kind
+    blocksize = 64 if step.transform == "quantize" else int(m.info["blocksize"]) if m.info else 1
+    if m.kind == "4bit" and m.in_features % blocksize:
+        return None  # rows cannot be cut out of blocks straddling them: decoded whole
+    rows = max(1, CHUNK_ELEMENTS // m.in_features)
+    if out_kind == "4bit":
+        unit = blocksize // math.gcd(m.in_features, blocksize)
+        rows = max(unit, rows - rows % unit)
+    return rows
+
+
+def _transform_in_chunks(step: Step, tensors: dict[str, torch.Tensor], opts: MergeOptions,
+                         chunk_rows: int) -> dict[str, torch.Tensor]:
+    """``transform_module`` for a re-encoded weight, ``chunk_rows`` rows at a time: decode (or read), scale and
+    encode each chunk; the same bytes as whole (both encoders work row by row or block by block), in the
+    memory of the output plus one chunk instead of several float copies of the whole weight."""
+    m, p = step.module, step.module.path
+    shape = (m.out_features, m.in_features)
+    stored = tensors[f"{p}.weight"]
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        if m.kind == "float":
+            part = (stored[:, start:stop].t() if m.transposed else stored[start:stop]).contiguous()
+        elif m.kind == "int8":
+            part = int8.decode(stored[start:stop], tensors[f"{p}.SCB"][start:stop])
+        else:
+            cut, _, _ = restrict("4bit", tensors, p, m.in_features, m.out_features, False,
+                                 torch.arange(start, stop), None)
+            part = four_bit.decode(_packed(m, cut))
+        return _scale_both(part, step, span=slice(start, stop))
+
+    out: dict[str, torch.Tensor] = {}
+    bias = tensors.get(f"{p}.bias")
+    if bias is not None:
+        out[f"{p}.bias"] = _scaled_bias(bias, step)
+    int8_out = opts.quantize == "int8" if step.transform == "quantize" else m.kind == "int8"
+    if int8_out:
+        codes, scb = int8.encode_rows(rows, shape, chunk_rows)
+        out.update({f"{p}.weight": codes, f"{p}.SCB": scb})
+        if step.transform == "quantize" or f"{p}.weight_format" in tensors:
+            out[f"{p}.weight_format"] = tensors.get(f"{p}.weight_format", torch.tensor(0, dtype=torch.uint8))
+        return out
+    if step.transform == "quantize":
+        quant_type, blocksize, nested, dtype = opts.quantize, 64, opts.double_quant, stored.dtype
+    else:
+        original = _packed(m, tensors)
+        info = original.info
+        quant_type, blocksize, nested = info["quant_type"], int(info["blocksize"]), original.nested
+        dtype = getattr(torch, info["dtype"])
+    packed = four_bit.encode_rows(rows, shape, quant_type, blocksize, nested, dtype, chunk_rows)
+    out.update(packed.tensors(f"{p}.weight"))
     return out
 
 
@@ -722,6 +795,8 @@ class Merger:
                 errors = check_fold(fold, truth_layers, merged_layers, self.modules[fold.producer].in_features,
                                     self.opts)
                 limit = self._limit(producer.transform, producer.out_storage)
+                if self.opts.max_error is None and self.modules[consumer].kind == "int8":
+                    limit = max(limit, DEFAULT_LIMITS["fold-int8"])
                 channels = cut["consumer"][1]
                 for item in (entry, producer):
                     item.rel_error, item.max_abs_error = errors
@@ -789,11 +864,12 @@ class Merger:
             tensor = _cast(tensor, FLOAT_DTYPES[self.opts.dtype], key)
         self.writer.write(key, tensor)
 
-    def merge_module(self, data: ModuleData) -> None:
-        """Transform, check and write one module of this merge from the pass's shared ``data``."""
+    def merge_module(self, data: ModuleData, shared: bool = False) -> None:
+        """Transform, check and write one module of this merge from the pass's ``data``; ``shared``: other
+        merges of the pass transform it too (its decoded weight is then kept for all of them, whole)."""
         assert self.writer is not None
         step = self.steps[data.module.path]
-        outputs = transform_module(step, data.tensors, self.opts, data.weight)
+        outputs = transform_module(step, data.tensors, self.opts, data.weight if shared else None)
         entry = self.entries.get(data.module.path)
         # A producer carrying a fold is checked with its consumer, end to end (see finish).
         if entry is not None and self.opts.check and not step.folded_from:
@@ -906,7 +982,7 @@ def run_pass(base: Base, jobs: list[MergeJob], progress: Callable[[int, int], No
                 for entry in list(live):
                     try:
                         if entry in owners:
-                            entry.merger.merge_module(data)
+                            entry.merger.merge_module(data, shared=len(owners) > 1)
                         else:  # the merges that keep this module as it is take it from the same read
                             for k in data.module.keys:
                                 entry.merger.copy(k, data.tensors[k])

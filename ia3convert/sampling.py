@@ -56,6 +56,15 @@ def sample(n: int, size: int, key: str, seed: int, chunk: int = 1,
     return (picked[:, None] * chunk + torch.arange(chunk)).reshape(-1)
 
 
+def _cut(tensor: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """``tensor[rows][:, cols]`` (None: all), copying only what is kept (a mapped tensor is read only there)."""
+    if rows is not None:
+        tensor = tensor.index_select(0, rows)
+    if cols is not None:
+        tensor = tensor.index_select(1, cols)
+    return tensor.contiguous()
+
+
 def _info(tensors: dict[str, torch.Tensor], prefix: str) -> dict:
     key = next(k for k in tensors if k.startswith(f"{prefix}.weight.{STATE_PREFIX}"))
     return json.loads(bytes(tensors[key].tolist()).decode("utf-8"))
@@ -70,23 +79,19 @@ def restrict(kind: str, tensors: dict[str, torch.Tensor], prefix: str, in_featur
     ``merging._row_chunk``)."""
     if rows is None and cols is None:
         return tensors, in_features, out_features
-    all_rows = torch.arange(out_features) if rows is None else rows
-    all_cols = torch.arange(in_features) if cols is None else cols
-    n_out, n_in = all_rows.numel(), all_cols.numel()
+    n_out = out_features if rows is None else rows.numel()
+    n_in = in_features if cols is None else cols.numel()
     out: dict[str, torch.Tensor] = {}
     bias = tensors.get(f"{prefix}.bias")
     if bias is not None:
-        out[f"{prefix}.bias"] = bias[all_rows]
+        out[f"{prefix}.bias"] = bias if rows is None else bias[rows]
     weight = tensors[f"{prefix}.weight"]
     if kind == "float":
-        if transposed:
-            out[f"{prefix}.weight"] = weight[all_cols][:, all_rows].contiguous()
-        else:
-            out[f"{prefix}.weight"] = weight[all_rows][:, all_cols].contiguous()
+        out[f"{prefix}.weight"] = _cut(weight, cols, rows) if transposed else _cut(weight, rows, cols)
         return out, n_in, n_out
     if kind == "int8":
-        out[f"{prefix}.weight"] = weight[all_rows][:, all_cols].contiguous()
-        out[f"{prefix}.SCB"] = tensors[f"{prefix}.SCB"][all_rows].contiguous()
+        out[f"{prefix}.weight"] = _cut(weight, rows, cols)
+        out[f"{prefix}.SCB"] = _cut(tensors[f"{prefix}.SCB"].reshape(-1, 1), rows, None).reshape(-1)
         return out, n_in, n_out
     info = _info(tensors, prefix)
     blocksize = int(info["blocksize"])
@@ -95,11 +100,13 @@ def restrict(kind: str, tensors: dict[str, torch.Tensor], prefix: str, in_featur
     stats = {k[len(prefix) + len(".weight."):]: v for k, v in tensors.items() if k.startswith(f"{prefix}.weight.")}
     absmax = four_bit.absmax(four_bit.Packed4bit(weight, stats))
     per_row = in_features // blocksize
-    blocks = all_cols.reshape(-1, blocksize)[:, 0] // blocksize
-    if not torch.equal(all_cols, (blocks[:, None] * blocksize + torch.arange(blocksize)).reshape(-1)):
-        raise ValueError(f"{prefix}: 4-bit columns must be whole blocks of {blocksize}")
-    codes = weight.reshape(out_features, per_row, blocksize // 2)[all_rows][:, blocks]
-    sub_absmax = absmax.reshape(out_features, per_row)[all_rows][:, blocks]
+    blocks = None
+    if cols is not None:
+        blocks = cols.reshape(-1, blocksize)[:, 0] // blocksize
+        if not torch.equal(cols, (blocks[:, None] * blocksize + torch.arange(blocksize)).reshape(-1)):
+            raise ValueError(f"{prefix}: 4-bit columns must be whole blocks of {blocksize}")
+    codes = _cut(weight.reshape(out_features, per_row, blocksize // 2), rows, blocks)
+    sub_absmax = _cut(absmax.reshape(out_features, per_row), rows, blocks)
     state = {k: v for k, v in info.items() if not k.startswith("nested_")}
     state["shape"] = [n_out, n_in]
     out[f"{prefix}.weight"] = codes.reshape(-1, 1).contiguous()

@@ -268,3 +268,11 @@ def test_falcon_v_rows_match_transformers_split(layout):
     _, kv_heads, _ = fold.heads
     expected = per_head.reshape(kv_heads, heads // kv_heads, head_dim)[:, 0, :].reshape(-1).long()
     assert torch.equal(fold.index, expected)
+
+
+@pytest.mark.parametrize("storage, limit", [("int8", 1e-3), ("nf4", 1e-5)])
+def test_fold_limits_allow_for_an_int8_consumers_input_rounding(storage, limit, tmp_path):
+    report = ia.merge(MODELS / f"llama-{storage}", ADAPTERS / "llama", tmp_path / "m")
+    limits = {m.module: m.limit for m in report.modules}
+    assert limits["model.layers.0.mlp.down_proj"] == limits["model.layers.0.mlp.up_proj"] == limit
+    assert limits["model.layers.0.self_attn.k_proj"] == 1e-5  # no int8 consumer on this path

@@ -13,6 +13,7 @@ bitsandbytes and transformers write; the codes themselves come from ``fast`` (bi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,9 +92,31 @@ def encode(weight: torch.Tensor, quant_type: str, blocksize: int = 64, nested: b
         codes, state = F.quantize_4bit(source.contiguous(), blocksize=blocksize, compress_statistics=nested,
                                        quant_type=quant_type, quant_storage=torch.uint8)
         return _from_state(codes, state)
+    return encode_rows(lambda start, stop: source[start:stop], tuple(source.shape), quant_type, blocksize, nested,
+                       dtype, chunk_rows=max(1, source.shape[0]))
+
+
+def encode_rows(rows: Callable[[int, int], torch.Tensor], shape: tuple[int, ...], quant_type: str, blocksize: int,
+                nested: bool, dtype: torch.dtype, chunk_rows: int) -> Packed4bit:
+    """``encode`` on the CPU of the 2-D weight whose rows ``start:stop`` ``rows`` returns, ``chunk_rows`` rows at
+    a time: the same bytes in the memory of one chunk, since 4-bit blocks are independent and never straddle
+    two chunks (``chunk_rows * in_features`` must be a multiple of ``blocksize``, but for the last chunk)."""
+    F = bnb_functional()
+    out_features, in_features = shape
+    if (chunk_rows * in_features) % blocksize and chunk_rows < out_features:
+        raise ValueError(f"chunks of {chunk_rows} rows of {in_features} split blocks of {blocksize}")
+    elements = out_features * in_features
     code = F.get_4bit_type(quant_type, device="cpu")
-    codes, block_absmax = fast.quantize_4bit(source, code, blocksize)
-    common = {"shape": source.shape, "dtype": dtype, "blocksize": blocksize, "code": code, "quant_type": quant_type}
+    codes = torch.empty((elements + 1) // 2, 1, dtype=torch.uint8)
+    block_absmax = torch.empty(-(-elements // blocksize))
+    for start in range(0, out_features, chunk_rows):
+        part_codes, part_absmax = fast.quantize_4bit(rows(start, min(start + chunk_rows, out_features)).to(dtype),
+                                                     code, blocksize)
+        first = start * in_features
+        codes[first // 2 : first // 2 + part_codes.shape[0]] = part_codes
+        block_absmax[first // blocksize : first // blocksize + part_absmax.numel()] = part_absmax
+    common = {"shape": torch.Size(shape), "dtype": dtype, "blocksize": blocksize, "code": code,
+              "quant_type": quant_type}
     if nested:
         offset = block_absmax.mean()
         nested_absmax, state2 = F.quantize_blockwise(block_absmax - offset, blocksize=256)

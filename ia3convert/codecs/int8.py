@@ -6,6 +6,8 @@ so that it is bit-identical to bitsandbytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..imports import bnb_functional
@@ -35,6 +37,19 @@ def encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if zero.any():
         codes[zero] = 0
     return codes, scb.float()
+
+
+def encode_rows(rows: Callable[[int, int], torch.Tensor], shape: tuple[int, int], chunk_rows: int,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode`` on the CPU of the weight whose rows ``start:stop`` ``rows`` returns, ``chunk_rows`` rows at a
+    time: the same bytes (the quantization is row by row) in the memory of one chunk."""
+    out_features, in_features = shape
+    codes = torch.empty(out_features, in_features, dtype=torch.int8)
+    scb = torch.empty(out_features)
+    for start in range(0, out_features, chunk_rows):
+        stop = min(start + chunk_rows, out_features)
+        codes[start:stop], scb[start:stop] = fast.quantize_int8_rows(rows(start, stop).to(torch.float16))
+    return codes, scb
 
 
 def fold_rows(codes: torch.Tensor, scb: torch.Tensor, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
