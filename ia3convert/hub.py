@@ -364,8 +364,10 @@ def _report_section(report: dict[str, Any] | None) -> list[str]:
     if not report.get("checked", True):
         lines += ["", "The merge was **not checked** (`--no-check`): no errors were measured.", ""]
     else:
+        sample = (report.get("options") or {}).get("check_sample")
+        rows = f" over {sample} sampled output rows per module (all rows of smaller modules)" if sample else ""
         lines += ["Every merged module was checked against the IA3-wrapped original layer (PEFT's forward) on "
-                  "seeded probe inputs; the relative error is that of the layer's output.", ""]
+                  f"seeded probe inputs{rows}; the relative error is that of the layer's output.", ""]
     modules = report.get("modules") or []
     lines += ["| transform | modules | max relative error | limit |", "| --- | --- | --- | --- |"]
     for transform, entry in sorted((report.get("summary") or {}).items()):
