@@ -8,9 +8,12 @@ import struct
 
 import pytest
 import torch
-from conftest import MODELS
+from conftest import ADAPTERS, MODELS
 from safetensors.torch import load_file
+from test_merge import digest
 
+import ia3convert as ia
+from ia3convert import checkpoint
 from ia3convert.checkpoint import CheckpointReader, PlannedTensor, StreamingWriter, parse_size
 from ia3convert.errors import CheckpointError, OutputError
 
@@ -84,3 +87,37 @@ def test_parse_size():
     assert parse_size("40KB") == 40_000
     with pytest.raises(OutputError):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("storage", ["nf4", "int8", "fp16"])
+def test_mapped_reads_are_the_stored_tensors(storage, monkeypatch):
+    """Large tensors are memory-mapped (the fixtures' are all small: every tensor is mapped here)."""
+    expected = load_file(MODELS / f"llama-{storage}" / "model.safetensors")
+    monkeypatch.setattr(checkpoint, "MAP_MIN", 1)
+    reader = CheckpointReader(MODELS / f"llama-{storage}")
+    for key, tensor in expected.items():
+        got = reader.get(key)
+        assert got.dtype == tensor.dtype and torch.equal(got, tensor), key
+    assert reader.bytes_read == sum(t.numel() * t.element_size() for t in expected.values())
+
+
+def test_a_file_cut_short_after_opening_is_named(tmp_path, monkeypatch):
+    shutil.copytree(MODELS / "llama-fp16", tmp_path / "m")
+    reader = CheckpointReader(tmp_path / "m")
+    last = max(reader.tensors.values(), key=lambda info: info.end)
+    with open(last.file, "r+b") as f:
+        f.truncate(last.start + 1)
+    monkeypatch.setattr(checkpoint, "MAP_MIN", 1)
+    with pytest.raises(CheckpointError, match=f"cannot map {last.key}"):
+        reader.get(last.key)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_merges_through_maps_and_either_copy_path_write_the_same_bytes(kernel_copy, tmp_path, monkeypatch):
+    """Untouched tensors are copied in the kernel where the file systems allow, else through a buffer."""
+    ia.merge(MODELS / "llama-nf4", ADAPTERS / "llama", tmp_path / "plain")
+    monkeypatch.setattr(checkpoint, "MAP_MIN", 1)
+    monkeypatch.setattr(checkpoint, "_KERNEL_COPY", [kernel_copy])
+    ia.merge(MODELS / "llama-nf4", ADAPTERS / "llama", tmp_path / "other")
+    assert {k: v for k, v in digest(tmp_path / "plain").items() if k != "merge_report.json"} == \
+        {k: v for k, v in digest(tmp_path / "other").items() if k != "merge_report.json"}
