@@ -11,8 +11,10 @@ For every adapted module the plan picks the most exact transform the storage all
   4-bit blocks straddling rows, or when asked);
 - ``multiply``: a float weight scaled in float32 and cast back;
 - ``dequantize`` / ``quantize``: the output is written in another storage (``dtype`` / ``quantize`` options).
-Each merged module is then checked against the IA3-wrapped layer over the original tensors (``verify``).
-The output is written into a temporary sibling of OUT and renamed into place only when complete and checked.
+Each merged module is then checked against the IA3-wrapped layer over the original tensors (``verify``), on
+a sample of its rows by default (``sampling``). A pass copies every untouched tensor first (queued on the
+writer's I/O thread, inside the kernel), then reads, merges, checks and writes one module at a time. The
+output is written into a temporary sibling of OUT and renamed into place only when complete and checked.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sampled merge checks: the same layers, restricted to a sample of output rows (and input columns), stored exactly.
+"""Sampled merge checks: the same layers, cut to a sample of output rows (and input columns), stored exactly.
 
 A full check decodes every merged weight twice (ground truth and candidate), which costs several times what
 copying the checkpoint does. A sampled check runs the same layer forwards (bitsandbytes' own, with the IA3
@@ -59,9 +59,9 @@ def sample(n: int, size: int, key: str, seed: int, chunk: int = 1,
 def _cut(tensor: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
     """``tensor[rows][:, cols]`` (None: all), copying only what is kept (a mapped tensor is read only there)."""
     if rows is not None:
-        tensor = tensor.index_select(0, rows)
+        tensor = tensor.index_select(0, rows.to(tensor.device))
     if cols is not None:
-        tensor = tensor.index_select(1, cols)
+        tensor = tensor.index_select(1, cols.to(tensor.device))
     return tensor.contiguous()
 
 
@@ -84,7 +84,7 @@ def restrict(kind: str, tensors: dict[str, torch.Tensor], prefix: str, in_featur
     out: dict[str, torch.Tensor] = {}
     bias = tensors.get(f"{prefix}.bias")
     if bias is not None:
-        out[f"{prefix}.bias"] = bias if rows is None else bias[rows]
+        out[f"{prefix}.bias"] = bias if rows is None else bias[rows.to(bias.device)]
     weight = tensors[f"{prefix}.weight"]
     if kind == "float":
         out[f"{prefix}.weight"] = _cut(weight, cols, rows) if transposed else _cut(weight, rows, cols)
