@@ -304,3 +304,11 @@ def test_interrupted_merge_leaves_nothing(tmp_path):
         merge(MODELS / "llama-int8", ADAPTERS / "llama", tmp_path / "m", progress=interrupt)
     assert list(tmp_path.iterdir()) == []
     assert digest(MODELS / "llama-int8") == before
+
+
+def test_the_check_does_not_flood_the_log(tmp_path, caplog):
+    """bitsandbytes logs a note for every int8 forward of a float32 input; the check's probes are float32 on
+    purpose, and a library user merging from Python should not get one line per module."""
+    caplog.set_level("WARNING", logger="bitsandbytes")  # conftest quiets it for the other tests
+    merge(MODELS / "llama-int8", ADAPTERS / "llama", tmp_path / "m", requantize=True)
+    assert not [r for r in caplog.records if "inputs will be cast" in r.getMessage()]
