@@ -46,7 +46,7 @@ from .codecs import floating, four_bit, int8
 from .errors import AdapterError, CheckpointError, IA3ConvertError, MergeCheckError, OutputError, TargetError
 from .folds import Fold, find_fold, fold_partners
 from .memory import trim
-from .sampling import restrict, sample, special_indices
+from .sampling import quant_info, restrict, sample, special_indices
 from .skeleton import build_skeleton, lean_config, linear_modules, modules_to_quantize, quantized_modules
 from .verify import (
     DEFAULT_LIMITS,
@@ -525,8 +525,7 @@ def _row_chunk(module: Module, kind: str, tensors: dict[str, torch.Tensor] | Non
     if kind != "4bit":
         return 1
     if tensors is not None:
-        key = next(k for k in tensors if k.startswith(f"{module.path}.weight.quant_state."))
-        blocksize = int(json.loads(bytes(tensors[key].tolist()).decode("utf-8"))["blocksize"])
+        blocksize = int(quant_info(tensors, module.path)["blocksize"])
     else:
         assert module.info is not None
         blocksize = int(module.info["blocksize"])

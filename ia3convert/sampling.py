@@ -65,7 +65,8 @@ def _cut(tensor: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | N
     return tensor.contiguous()
 
 
-def _info(tensors: dict[str, torch.Tensor], prefix: str) -> dict:
+def quant_info(tensors: dict[str, torch.Tensor], prefix: str) -> dict:
+    """The JSON part of a 4-bit layer's quant state (quant_type, blocksize, dtype, shape...), from its tensors."""
     key = next(k for k in tensors if k.startswith(f"{prefix}.weight.{STATE_PREFIX}"))
     return json.loads(bytes(tensors[key].tolist()).decode("utf-8"))
 
@@ -93,7 +94,7 @@ def restrict(kind: str, tensors: dict[str, torch.Tensor], prefix: str, in_featur
         out[f"{prefix}.weight"] = _cut(weight, rows, cols)
         out[f"{prefix}.SCB"] = _cut(tensors[f"{prefix}.SCB"].reshape(-1, 1), rows, None).reshape(-1)
         return out, n_in, n_out
-    info = _info(tensors, prefix)
+    info = quant_info(tensors, prefix)
     blocksize = int(info["blocksize"])
     if in_features % blocksize or n_in % blocksize:
         raise ValueError(f"{prefix}: 4-bit rows of {in_features} cannot be cut in blocks of {blocksize}")
