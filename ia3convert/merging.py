@@ -854,10 +854,6 @@ class Merger:
     def _limit(self, transform: str, storage: str) -> float:
         return self.opts.max_error if self.opts.max_error is not None else default_limit(transform, storage)
 
-    def cast_copy(self, key: str) -> None:
-        assert self.writer is not None
-        self.writer.write(key, _cast(self.reader.get(key), FLOAT_DTYPES[self.opts.dtype], key))
-
     def copy(self, key: str, tensor: torch.Tensor) -> None:
         """Write an untouched tensor already read (cast when --dtype asks for it)."""
         assert self.writer is not None
@@ -1027,7 +1023,7 @@ def _copy_everywhere(reader: CheckpointReader, key: str, live: list[_Live],
     for entry in list(live):
         try:
             if entry.merger.needs_own_copy(key):
-                entry.merger.cast_copy(key)
+                entry.merger.copy(key, reader.get(key))
             else:
                 copiers.append(entry)
         except IA3ConvertError as exc:

@@ -185,3 +185,16 @@ def test_manifest_cli_and_stop_on_error(tmp_path):
     bad.write_text('[{"adapter": "x", "colour": "red"}]')
     broken = CliRunner().invoke(main, ["batch", str(bad)])
     assert broken.exit_code == 3 and "unknown field(s) ['colour']" in broken.output
+
+
+def test_job_merge_options_are_mergeoptions_fields_with_the_same_defaults():
+    """Job (light, picklable, no torch) repeats MergeOptions' fields: a new option must keep both in step."""
+    from dataclasses import fields
+
+    from ia3convert.batch import MERGE_OPTIONS
+    from ia3convert.merging import MergeOptions
+
+    job_defaults = {f.name: f.default for f in fields(Job)}
+    option_defaults = {f.name: f.default for f in fields(MergeOptions)}
+    assert set(MERGE_OPTIONS) <= set(option_defaults) & set(job_defaults)
+    assert {n: job_defaults[n] for n in MERGE_OPTIONS} == {n: option_defaults[n] for n in MERGE_OPTIONS}
